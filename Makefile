@@ -1,0 +1,27 @@
+# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Both create .venv on first use, install torch 2.13.0 first (a CPU wheel; a plain `torch` would pull CUDA),
+# then the project; later runs only re-install when pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH ?= torch==2.13.0
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: install demo test test-slow
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/selfbudgeter demo --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
