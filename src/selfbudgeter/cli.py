@@ -9,6 +9,8 @@ import importlib
 import logging
 import sys
 
+from .errors import UserError
+
 # name -> (module, one-line help). The order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
     "task": ("selfbudgeter.task", "write the embedded arithmetic task's train/validation/test splits as JSONL"),
@@ -66,10 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"selfbudgeter {name}: error: {err}", file=sys.stderr)
         return 2
-
-
-class UserError(Exception):
-    """A problem with the user's input (a path, a model, an option): shown as one line, no traceback."""
 
 
 if __name__ == "__main__":
