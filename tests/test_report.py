@@ -1,0 +1,182 @@
+"""Report tests: synthetic evaluation folders in tmp_path in, metrics.json, report.md and PNGs out.
+
+Run: .venv/bin/python -m pytest -q tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selfbudgeter import report
+from selfbudgeter.errors import UserError
+from selfbudgeter.report import PLOTS, build_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+MULTIPLIERS = (0.5, 1.0, 2.0)
+
+
+def synthetic_records(kind: str, n: int = 60, seed: int = 0) -> list[dict]:
+    """Records shaped like the evaluator's: `kind` is "plain" (no budgets) or "budgeted" (with control runs)."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        difficulty = int(i % 5) + 1
+        need = 60 * difficulty
+        base = {"id": f"q{i}", "difficulty": difficulty, "gold": "1", "sample": 0, "prefill_budget": None,
+                "control_multiplier": None, "grading_error": None}
+        if kind == "plain":
+            length = int(need * 4 * rng.uniform(0.6, 1.6))
+            records.append({**base, "response": "...", "budget": None, "length": length, "format_ok": False,
+                            "format_error": "missing_budget", "correct": bool(rng.random() < 0.6),
+                            "predicted": "1"})
+            continue
+        budget = int(need * rng.uniform(0.8, 1.3))
+        broken = i % 20 == 19
+        records.append({**base, "response": "<budget>...", "budget": None if broken else budget,
+                        "length": int(budget * rng.uniform(0.8, 1.2)), "format_ok": not broken,
+                        "format_error": "unclosed_solution" if broken else None,
+                        "correct": bool(rng.random() < 0.7), "predicted": "1"})
+        for multiplier in MULTIPLIERS:
+            prefill = max(1, int(budget * multiplier))
+            records.append({**base, "response": "...", "prefill_budget": prefill, "control_multiplier": multiplier,
+                            "budget": prefill, "length": int(prefill * rng.uniform(0.85, 1.15)),
+                            "format_ok": True, "format_error": None, "correct": bool(rng.random() < 0.65),
+                            "predicted": "1"})
+    return records
+
+
+def write_run(folder: Path, records: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "metrics.json").write_text(json.dumps({"model": folder.name, "seconds": 1.5}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    return {
+        "base": write_run(root / "base", synthetic_records("plain", seed=1)),
+        "selfbudgeter": write_run(root / "selfbudgeter", synthetic_records("budgeted", seed=2)),
+        "grpo_accuracy": write_run(root / "grpo_accuracy", synthetic_records("plain", seed=3)),
+    }
+
+
+@pytest.fixture(scope="module")
+def built(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return out, build_report(runs, out, baseline="base")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_metrics_json_has_one_entry_per_run(built, runs):
+    out, summaries = built
+    written = json.loads((out / "metrics.json").read_text())
+    assert written == summaries
+    assert list(written) == list(runs)
+    for name, summary in written.items():
+        for key in ("accuracy", "mean_tokens", "compression", "within_20", "length_budget_slope",
+                    "spearman_budget_difficulty", "control_slope", "format_failure_rate", "n"):
+            assert key in summary, (name, key)
+        assert summary["evaluator"]["model"] == name
+    assert written["base"]["compression"] == 0.0
+    assert written["selfbudgeter"]["compression"] > 0.5  # budgeted lengths are about a quarter of the base's
+    assert written["base"]["within_20"] is None
+    assert written["selfbudgeter"]["control_slope"] == pytest.approx(1.0, abs=0.1)
+    assert [row["multiplier"] for row in written["selfbudgeter"]["control"]] == list(MULTIPLIERS)
+
+
+def test_every_plot_is_a_readable_png(built):
+    out, _ = built
+    for name in PLOTS.values():
+        width, height = png_size(out / name)
+        assert width >= 400 and height >= 300, name
+
+
+def test_report_md_has_the_table_and_embeds_every_plot(built):
+    out, _ = built
+    text = (out / "report.md").read_text()
+    columns = ["model", "accuracy", "mean tokens", "compression", "within ±20%", "slope", "Spearman", "control slope",
+               "format failures"]
+    assert "| " + " | ".join(columns) + " |" in text
+    for name in ("base", "selfbudgeter", "grpo_accuracy"):
+        assert f"| {name} |" in text
+    for name in PLOTS.values():
+        assert f"]({name})" in text
+    assert "## User-budget control" in text
+
+
+def test_plots_without_data_are_skipped(tmp_path):
+    run = write_run(tmp_path / "base", synthetic_records("plain"))
+    build_report({"base": run}, tmp_path / "out", baseline=None)
+    drawn = {p.name for p in (tmp_path / "out").glob("*.png")}
+    assert drawn == {PLOTS["lengths"], PLOTS["accuracy_vs_length"]}
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Not drawn for lack of data" in text
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["base"]["compression"] is None
+
+
+def test_many_difficulty_values_are_binned(tmp_path):
+    records = synthetic_records("budgeted")
+    for i, r in enumerate(records):
+        r["difficulty"] = i * 0.37
+    run = write_run(tmp_path / "sb", records)
+    build_report({"sb": run}, tmp_path / "out")
+    assert png_size(tmp_path / "out" / PLOTS["budget_by_difficulty"])[0] > 0
+    groups, labels, _ = report._difficulty_groups([r["difficulty"] for r in records])
+    assert len(groups) == report.DIFFICULTY_BINS == len(labels)
+
+
+def test_main_writes_the_report(runs, tmp_path, capsys):
+    argv = [arg for name, path in runs.items() for arg in ("--run", f"{name}={path}")]
+    assert report.main(argv + ["--baseline", "base", "--out", str(tmp_path / "r")]) == 0
+    assert (tmp_path / "r" / "report.md").is_file()
+    assert "selfbudgeter" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--run", "a={base}", "--baseline", "nope"], "baseline"),
+        (["--run", "a={base}", "--run", "a={base}"], "twice"),
+        (["--run", "a={missing}"], "not a folder"),
+        (["--run", "a={empty}"], "items.jsonl"),
+        (["--run", "a={bad}"], "not valid JSON"),
+    ],
+)
+def test_bad_input_is_a_user_error(runs, tmp_path, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "items.jsonl").write_text('{"length": 1}\n{oops\n')
+    paths = {"base": runs["base"], **{name: tmp_path / name for name in ("missing", "empty", "bad")}}
+    argv = [a.format(**paths) for a in argv] + ["--out", str(tmp_path / "out")]
+    with pytest.raises(UserError, match=message):
+        report.main(argv)
+
+
+def test_malformed_run_spec_is_rejected_by_the_parser():
+    with pytest.raises(SystemExit):
+        report.make_parser().parse_args(["--run", "no-equals-sign", "--out", "x"])
+
+
+def test_tiny_runs_still_draw(tmp_path):
+    one = synthetic_records("budgeted", n=1)  # one main record and one per multiplier
+    same = synthetic_records("plain", n=3)
+    for r in same:
+        r["length"] = 100  # a violin of identical values
+    runs = {"one": write_run(tmp_path / "one", one), "same": write_run(tmp_path / "same", same)}
+    summaries = build_report(runs, tmp_path / "out", baseline="same")
+    assert summaries["one"]["length_budget_slope"] is None  # a single budget has no fit
+    for name in PLOTS.values():
+        assert png_size(tmp_path / "out" / name)[0] > 0, name
