@@ -240,18 +240,24 @@ class StreamParser:
         if not head.startswith(BUDGET_OPEN):
             if BUDGET_OPEN.startswith(head):
                 return False  # a prefix of the tag: wait for more
-            self._fail(events, "late_budget" if BUDGET_OPEN in head else "missing_budget", "no leading <budget>")
+            # Decided at the first character that cannot begin the tag, before any later `<budget>` can be
+            # seen: "late_budget" here would depend on how the stream happens to be chunked.
+            self._fail(events, "missing_budget", "the response does not start with <budget>")
             self._state = "raw"
             return True
-        close = head.find(BUDGET_CLOSE)
+        # Only a tag complete within the limit counts, whatever the chunking (the whole text in one piece or not).
+        close = head.find(BUDGET_CLOSE, 0, _MAX_BUDGET_TAG_CHARS)
         if close < 0:
-            if len(head) > _MAX_BUDGET_TAG_CHARS:
+            if len(head) >= _MAX_BUDGET_TAG_CHARS:
                 self._fail(events, "unclosed_budget", "no </budget> within the budget tag")
                 self._state = "raw"
                 return True
             return False
         try:
-            self.budget = validate_budget(head[len(BUDGET_OPEN) : close], self.max_budget)
+            inner = head[len(BUDGET_OPEN) : close]
+            if BUDGET_OPEN in inner:
+                raise FormatError("duplicate_budget", "a second <budget> tag before </budget>")
+            self.budget = validate_budget(inner, self.max_budget)
         except FormatError as err:
             # A bad budget is reported, but the solution that follows is still parsed (tags stay hidden).
             self._fail(events, err.reason, err.detail)
@@ -271,22 +277,34 @@ class StreamParser:
             self._buffer = head[len(SOLUTION_OPEN) :]
             self._state = "solution"
             return True
-        if SOLUTION_OPEN.startswith(head):
+        if any(tag.startswith(head) for tag in (SOLUTION_OPEN, BUDGET_OPEN, BUDGET_CLOSE)):
             return False
-        self._fail(events, "missing_solution", "no <solution> after the budget")
+        if head.startswith((BUDGET_OPEN, BUDGET_CLOSE)):
+            self._fail(events, "duplicate_budget", "a second budget tag after the first")
+        else:
+            self._fail(events, "missing_solution", "no <solution> after the budget")
         self._state = "raw"
         return True
 
     def _step_solution(self, events: list[StreamEvent]) -> bool:
-        end = self._buffer.find(SOLUTION_CLOSE)
-        if end >= 0:
+        # Any tag ends the solution text: `</solution>` properly, the others as the errors parse_response
+        # reports for them; either way no tag reaches a TextEvent.
+        found = [(i, tag) for tag in TAGS if (i := self._buffer.find(tag)) >= 0]
+        if found:
+            end, tag = min(found)
             if self._buffer[:end]:
                 events.append(TextEvent(self._buffer[:end]))
+            if tag != SOLUTION_CLOSE:
+                reason = "duplicate_solution" if tag == SOLUTION_OPEN else "duplicate_budget"
+                self._fail(events, reason, f"{tag} inside the solution")
+                self._buffer = self._buffer[end:]
+                self._state = "raw"
+                return True
             events.append(SolutionEndEvent())
             self._buffer = self._buffer[end + len(SOLUTION_CLOSE) :]
             self._state = "done"
             return True
-        hold = _partial_suffix(self._buffer, SOLUTION_CLOSE)
+        hold = max(_partial_suffix(self._buffer, tag) for tag in TAGS)
         ready = self._buffer[: len(self._buffer) - hold]
         if ready:
             events.append(TextEvent(ready))
