@@ -116,6 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    grade("\\boxed{\\frac{1}{2}}", "0.5")  # imports sympy before the clock starts
     ok = True
     for name in args.benchmarks:
         rows = load_benchmark(name, "test", data_dir=args.data_dir, limit=args.limit)

@@ -221,8 +221,16 @@ def test_unreadable_gold_is_an_error():
         is_correct("\\boxed{5}", "\\\\")
 
 
-def test_empty_gold_is_an_error():
-    assert grade("\\boxed{5}", "  ").error == "empty gold answer"
+@pytest.mark.parametrize("response", ["\\boxed{5}", "no answer at all"])
+def test_empty_gold_is_an_error(response):
+    assert grade(response, "  ").error == "empty gold answer"
+    with pytest.raises(GradingError, match="empty gold"):
+        is_correct(response, "")
+
+
+@pytest.mark.parametrize("gold, correct", [(18, True), (18.0, True), (27.5, False), (7, False)])
+def test_numeric_gold(gold, correct):
+    assert is_correct("\\boxed{18}", gold) is correct
 
 
 # Cases that need math-verify itself (not the numeric fast path), so a broken timeout shows up.

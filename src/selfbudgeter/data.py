@@ -49,6 +49,9 @@ class Row:
     def from_dict(cls, record: Mapping[str, Any]) -> Row:
         """A Row from a dict in the Row schema; unknown keys are ignored, wrong types are a UserError."""
         names = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name in ("id", "question", "answer") and f.name not in record]
+        if missing:
+            raise UserError(f"missing field '{missing[0]}'")
         row = cls(**{k: v for k, v in record.items() if k in names})
         _check_row(row)
         return row
@@ -305,7 +308,8 @@ def _hub_dataset(repo: str, config: str | None, split: str) -> Any:
     try:
         return datasets.load_dataset(repo, config, split=split)
     except Exception as err:  # datasets raises many types: offline, not found, bad config, bad split
-        raise UserError(f"cannot load dataset {repo!r} (split {split!r}): {err}") from err
+        where = "local folder" if Path(repo).exists() else "not a local path; tried the Hugging Face Hub"
+        raise UserError(f"cannot load dataset {repo!r} (split {split!r}; {where}): {err}") from err
 
 
 def _from_disk(path: Path, split: str) -> Any:
@@ -402,6 +406,7 @@ def load_benchmark(
     elif path.exists():
         rows = _load_path(path, split, on_error)
     elif _HUB_ID.fullmatch(key) and not key.endswith(_FILE_SUFFIXES):
+        # Not a local path, so it can only be a Hub id; the error then says which was tried.
         dataset = _hub_dataset(key, None, split)
         rows = _adapt_all(_dataset_records(dataset, key), _adapt_generic, key, f"{key}/{split}/", on_error)
     else:

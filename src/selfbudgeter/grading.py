@@ -177,7 +177,7 @@ def _math_verify(pred: str, gold: str, timeout_seconds: int | None) -> bool:
 
 def answers_match(predicted: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS) -> bool:
     """Whether an extracted answer equals the gold answer. Raises GradingError when grading fails."""
-    gold = gold.strip()
+    gold = str(gold).strip()  # numeric dataset columns arrive as int or float
     if not gold:
         raise GradingError("empty gold answer")
     predicted = _strip_unit_words(predicted)
@@ -192,13 +192,17 @@ def answers_match(predicted: str, gold: str, *, timeout_seconds: int | None = DE
 def grade(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS) -> Grade:
     """Grade a response against a gold answer. Never raises for a grading failure: see `Grade.error`."""
     predicted = extract_answer(response_text)
+    if not str(gold).strip():
+        # Checked before extraction: a missing gold is a data problem even when the response has no answer.
+        return Grade(correct=False, predicted=predicted, error="empty gold answer")
     if predicted is None:
         return Grade(correct=False, predicted=None)
     try:
-        return Grade(correct=answers_match(predicted, gold, timeout_seconds=timeout_seconds), predicted=predicted)
+        correct = answers_match(predicted, gold, timeout_seconds=timeout_seconds)
     except GradingError as err:
         logger.debug("grading failed: %s", err)
         return Grade(correct=False, predicted=predicted, error=str(err))
+    return Grade(correct=correct, predicted=predicted)
 
 
 def is_correct(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS) -> bool:
