@@ -400,9 +400,10 @@ def test_empty_question(question):
         (PLAIN_TEMPLATE, None, "S.", "<|system|>S.\n<|user|>Q?\n<|assistant|>"),
         (PLAIN_TEMPLATE, 300, "S.", "<|system|>S.\n<|user|>Q?\n<|assistant|><budget>300</budget><solution>"),
         (PLAIN_TEMPLATE, 7, None, "<|user|>Q?\n<|assistant|><budget>7</budget><solution>"),
-        # templates without a system role: the instruction moves into the user turn
+        # a template that rejects the system role: the instruction moves into the user turn
         (NO_SYSTEM_TEMPLATE, None, "S.", "<|user|>S.\n\nQ?\n<|assistant|>"),
-        (DROPS_SYSTEM_TEMPLATE, 50, "S.", "<|user|>S.\n\nQ?\n<|assistant|><budget>50</budget><solution>"),
+        # a template that leaves system messages out on purpose is respected
+        (DROPS_SYSTEM_TEMPLATE, 50, "S.", "<|user|>Q?\n<|assistant|><budget>50</budget><solution>"),
     ],
 )
 def test_prompt_text(template, budget, system_prompt, expected):

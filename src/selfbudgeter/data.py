@@ -440,23 +440,20 @@ def prompt_text(
     """The model's prompt for a question, ending where the assistant starts writing.
 
     With `budget`, the assistant turn is pre-filled with `<budget>N</budget><solution>` (a user-set budget)
-    and the model continues with the solution. A chat template that rejects (or silently drops) the system
-    role gets the system prompt folded into the user message instead.
+    and the model continues with the solution. A chat template that rejects the system role gets the system
+    prompt folded into the user message; one that leaves system messages out on purpose (the embedded
+    model's, trained without one) is respected.
     """
     from .format import FormatError, render_prefill
 
     messages = build_messages(question, system_prompt)
-    if system_prompt:
-        try:
-            text = _render(tokenizer, messages)
-            folded = system_prompt not in text
-        except Exception as err:  # jinja's TemplateError from raise_exception("System role not supported")
-            logger.debug("chat template rejected the system role (%s); folding it into the user turn", err)
-            folded = True
-        if folded:
-            text = _render(tokenizer, [{"role": "user", "content": f"{system_prompt}\n\n{question}"}])
-    else:
+    try:
         text = _render(tokenizer, messages)
+    except Exception as err:  # jinja's TemplateError from raise_exception("System role not supported")
+        if not system_prompt:
+            raise
+        logger.debug("chat template rejected the system role (%s); folding it into the user turn", err)
+        text = _render(tokenizer, [{"role": "user", "content": f"{system_prompt}\n\n{question}"}])
     if budget is not None:
         try:
             text += render_prefill(budget)

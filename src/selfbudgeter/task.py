@@ -1,0 +1,215 @@
+"""The embedded task: multi-step arithmetic chains with graded difficulty, and the base model's traces.
+
+A problem starts from a number and applies 1..8 additions or subtractions of a one-digit number:
+
+    question: Start with 23. 1) add 7 2) subtract 5 3) add 9. What is the final number?
+    minimal:  1) 23+7=30
+              2) 30-5=25
+              3) 25+9=34
+              So the answer is \\boxed{34}.
+
+The difficulty is the number of steps, and the minimal correct solution grows linearly with it, so a good
+budget has to depend on the question. `render_trace` writes what an overthinking reasoning model writes:
+the needed steps, then re-verification and filler whose amount is drawn independently of the difficulty
+(in real reasoning models most of the savings come from such filler). On longer chains a trace sometimes
+makes an arithmetic slip that its verification pass catches and repairs, so cutting verification away is
+not entirely free.
+
+Splits are fixed by their seeds; train excludes every validation and test question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import Row, write_jsonl
+
+MIN_STEPS, MAX_STEPS = 1, 8
+SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
+SOURCE = "embedded"
+
+FILLER_TOKENS = (50, 130)  # the filler of one trace, drawn uniformly, whatever the difficulty
+SLIP_RATE = 0.12  # share of traces with >= SLIP_MIN_STEPS steps that make a slip and repair it
+SLIP_MIN_STEPS = 4
+
+_OPS = {"add": "+", "subtract": "-"}
+_QUESTION = re.compile(r"Start with (\d+)\.((?: \d+\) (?:add|subtract) \d+)+)\. What is the final number\?")
+_STEP = re.compile(r"\d+\) (add|subtract) (\d+)")
+
+_FILLER = (
+    "Wait, let me double-check.",
+    "Hmm, let me re-read the question.",
+    "Let me verify the result once more.",
+    "That seems right.",
+    "Actually, let me recount to be sure.",
+    "Hmm, is that correct?",
+    "Okay, let me go over it again.",
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    start: int
+    ops: tuple[tuple[str, int], ...]  # ("+" | "-", operand)
+
+    @property
+    def steps(self) -> int:
+        return len(self.ops)
+
+    def values(self) -> list[int]:
+        """The running value after each step, starting value first."""
+        out = [self.start]
+        for op, b in self.ops:
+            out.append(out[-1] + b if op == "+" else out[-1] - b)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.values()[-1]
+
+    def question(self) -> str:
+        words = {sym: word for word, sym in _OPS.items()}
+        listed = " ".join(f"{i}) {words[op]} {b}" for i, (op, b) in enumerate(self.ops, 1))
+        return f"Start with {self.start}. {listed}. What is the final number?"
+
+
+def parse_question(question: str) -> Problem:
+    match = _QUESTION.fullmatch(question.strip())
+    if not match:
+        raise ValueError(f"not an embedded-task question: {question[:80]!r}")
+    ops = tuple((_OPS[word], int(b)) for word, b in _STEP.findall(match.group(2)))
+    return Problem(int(match.group(1)), ops)
+
+
+def sample_problem(rng: random.Random, steps: int) -> Problem:
+    """Running values stay in 10..99 so that every step is a one-digit addition to a two-digit number."""
+    value = rng.randint(10, 99)
+    start, ops = value, []
+    for _ in range(steps):
+        b = rng.randint(1, 9)
+        op = rng.choice("+-")
+        if not 10 <= (value + b if op == "+" else value - b) <= 99:
+            op = "-" if op == "+" else "+"
+        value = value + b if op == "+" else value - b
+        ops.append((op, b))
+    return Problem(start, tuple(ops))
+
+
+def _step_line(i: int, a: int, op: str, b: int, c: int) -> str:
+    return f"{i}) {a}{op}{b}={c}"
+
+
+def minimal_solution(problem: Problem) -> str:
+    values = problem.values()
+    lines = [_step_line(i, values[i - 1], op, b, values[i]) for i, (op, b) in enumerate(problem.ops, 1)]
+    return "\n".join(lines) + f"\nSo the answer is \\boxed{{{problem.answer}}}."
+
+
+def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> str:
+    """An overthinking trace: the steps (perhaps with a slip), then verification and filler, then the answer.
+
+    `filler_tokens` is approximate (one token per digit, word or symbol); drawn from FILLER_TOKENS if None.
+    """
+    values = problem.values()
+    n = problem.steps
+    slip = n >= SLIP_MIN_STEPS and rng.random() < SLIP_RATE
+    slip_at = rng.randint(1, n) if slip else 0
+    lines = []
+    if slip:
+        wrong = values[:]
+        delta = rng.choice((-1, 1))
+        for i in range(slip_at, n + 1):
+            wrong[i] = values[i] + delta
+        lines += [_step_line(i, wrong[i - 1], op, b, wrong[i]) for i, (op, b) in enumerate(problem.ops, 1)]
+        a, (op, b) = values[slip_at - 1], problem.ops[slip_at - 1]
+        lines.append(f"Wait, let me check step {slip_at}: {a}{op}{b}={values[slip_at]}, not {wrong[slip_at]}.")
+        lines += [
+            _step_line(i, values[i - 1], op, b, values[i])
+            for i, (op, b) in enumerate(problem.ops[slip_at - 1 :], slip_at)
+        ]
+    else:
+        lines += [_step_line(i, values[i - 1], op, b, values[i]) for i, (op, b) in enumerate(problem.ops, 1)]
+
+    budget = rng.randint(*FILLER_TOKENS) if filler_tokens is None else filler_tokens
+    spent = 0
+    while spent < budget:
+        if rng.random() < 0.5:
+            i = rng.randint(1, n)
+            op, b = problem.ops[i - 1]
+            line = f"Check step {i}: {values[i - 1]}{op}{b}={values[i]}. Yes."
+        else:
+            line = rng.choice(_FILLER)
+        lines.append(line)
+        spent += _rough_tokens(line)
+    lines.append(f"So the answer is \\boxed{{{problem.answer}}}.")
+    return "\n".join(lines)
+
+
+def _rough_tokens(text: str) -> int:
+    return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]", text))
+
+
+def _rows(split: str) -> list[Row]:
+    size, seed = SPLITS[split]
+    rng = random.Random(seed)
+    held_out = set() if split != "train" else {r.question for s in ("validation", "test") for r in load_split(s)}
+    rows: list[Row] = []
+    seen: set[str] = set()
+    attempt = 0
+    while len(rows) < size:
+        # Levels in turn; a repeated question is skipped, so the few distinct 1-step questions cannot stall it.
+        steps = MIN_STEPS + attempt % (MAX_STEPS - MIN_STEPS + 1)
+        attempt += 1
+        problem = sample_problem(rng, steps)
+        question = problem.question()
+        if question in held_out or question in seen:
+            continue
+        seen.add(question)
+        rows.append(
+            Row(
+                id=f"{SOURCE}-{split}-{len(rows)}",
+                question=question,
+                answer=str(problem.answer),
+                solution=minimal_solution(problem),
+                difficulty=steps,
+                source=SOURCE,
+            )
+        )
+    return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(split: str) -> tuple[Row, ...]:
+    return tuple(_rows(split))
+
+
+def load_split(split: str) -> list[Row]:
+    """The fixed split `train`, `validation` or `test` of the embedded task."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} of the embedded task; choose from {', '.join(SPLITS)}")
+    return list(_cached(split))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfbudgeter task",
+        description="Write the embedded arithmetic task's fixed splits as JSONL (one row schema).",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder to write <split>.jsonl into")
+    parser.add_argument("--split", choices=list(SPLITS), action="append", help="split(s) to write (default: all)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split in args.split or list(SPLITS):
+        rows = load_split(split)
+        write_jsonl(args.out / f"{split}.jsonl", [r.to_dict() for r in rows])
+        print(f"{split}: {len(rows)} rows -> {args.out / f'{split}.jsonl'}")
+    return 0
