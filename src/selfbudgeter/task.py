@@ -33,7 +33,7 @@ MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
 SOURCE = "embedded"
 
-FILLER_TOKENS = (50, 130)  # the filler of one trace, drawn uniformly, whatever the difficulty
+FILLER_TOKENS = (40, 100)  # the filler of one trace, drawn uniformly, whatever the difficulty
 SLIP_RATE = 0.12  # share of traces with >= SLIP_MIN_STEPS steps that make a slip and repair it
 SLIP_MIN_STEPS = 4
 
