@@ -1,0 +1,472 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a real BudgetGenerator.
+
+The model is the tiny random Llama of conftest with EOS suppressed, so every generation runs to its token cap
+unless it is stopped: lengths are deterministic and a stream stays open as long as a test needs it. User
+budgets are pre-filled, so the budget chunk is deterministic too. Run with `pytest tests/test_server.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from selfbudgeter.server import ApiError, Metrics, ServerConfig, create_app, main, parse_chat_request
+
+KEY = "test-key"
+QUESTION = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def body(**fields):
+    return {"model": "tiny", "messages": QUESTION, **fields}
+
+
+# --- request parsing (no server) --------------------------------------------------------------------------
+
+CONFIG = ServerConfig(served_model_name="tiny", aliases=("tiny-alias",), max_budget=4096)
+
+
+@pytest.mark.parametrize(
+    "fields, budget",
+    [
+        # budget fields of vLLM, Anthropic, OpenRouter
+        ({"thinking_token_budget": 300}, 300),
+        ({"thinking": {"type": "enabled", "budget_tokens": 120}}, 120),
+        ({"reasoning": {"max_tokens": 77}}, 77),
+        ({"thinking_token_budget": 50, "reasoning": {"max_tokens": 50}}, 50),  # agreeing duplicates
+        # reasoning effort presets; an explicit number wins
+        ({"reasoning_effort": "low"}, 256),
+        ({"reasoning_effort": "medium"}, None),
+        ({"reasoning_effort": "xhigh"}, 4096),
+        ({"reasoning": {"effort": "minimal"}}, 64),
+        ({"thinking": {"type": "disabled"}}, 16),
+        ({"reasoning_effort": "high", "thinking_token_budget": 33}, 33),
+        # nothing: the model states its own budget
+        ({}, None),
+    ],
+)
+def test_budget_fields(fields, budget):
+    assert parse_chat_request(body(**fields), CONFIG).budget == budget
+
+
+def test_effort_preset_is_lowered_to_max_budget():
+    config = ServerConfig(max_budget=100)
+    assert parse_chat_request({"messages": QUESTION, "reasoning_effort": "high"}, config).budget == 100
+
+
+@pytest.mark.parametrize(
+    "fields, status, param",
+    [
+        # invalid budgets
+        ({"thinking_token_budget": 0}, 400, "thinking_token_budget"),
+        ({"thinking_token_budget": -5}, 400, "thinking_token_budget"),
+        ({"thinking_token_budget": 10**12}, 400, "thinking_token_budget"),
+        ({"thinking_token_budget": "abc"}, 400, "thinking_token_budget"),
+        ({"thinking_token_budget": True}, 400, "thinking_token_budget"),
+        ({"thinking_token_budget": 12.5}, 400, "thinking_token_budget"),
+        ({"thinking": {"budget_tokens": 0}}, 400, "thinking.budget_tokens"),
+        ({"thinking_token_budget": 10, "reasoning": {"max_tokens": 20}}, 400, "thinking_token_budget"),
+        ({"reasoning_effort": "extreme"}, 400, "reasoning_effort"),
+        ({"thinking": "yes"}, 400, "thinking"),
+        # the model is resolved at start-up: a request names it, never a path
+        ({"model": "/tmp/some/model"}, 404, "model"),
+        ({"model": "gpt-4o"}, 404, "model"),
+        # messages
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "system", "content": "hi"}]}, 400, "messages"),
+        ({"messages": QUESTION + [{"role": "assistant", "content": "<budget>5</budget>"}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "  "}]}, 400, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+         "messages[0].content"),
+        # other fields
+        ({"n": 2}, 400, "n"),
+        ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
+        ({"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+        ({"max_tokens": "10"}, 400, "max_tokens"),
+        ({"temperature": 3}, 400, "temperature"),
+        ({"top_p": 0}, 400, "top_p"),
+        ({"enforce_budget": "yes"}, 400, "enforce_budget"),
+        ({"budget_slack": -1}, 400, "budget_slack"),
+    ],
+)
+def test_invalid_requests(fields, status, param):
+    with pytest.raises(ApiError) as info:
+        parse_chat_request(body(**fields), CONFIG)
+    assert (info.value.status, info.value.param) == (status, param)
+    assert set(info.value.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_only_the_last_user_message_is_the_question_and_tags_in_it_are_text():
+    messages = [
+        {"role": "system", "content": "ignored"},
+        {"role": "user", "content": "an earlier question"},
+        {"role": "assistant", "content": "an earlier answer"},
+        {"role": "user", "content": [{"type": "text", "text": "<budget>5</budget>"}, {"type": "text", "text": "1+1?"}]},
+    ]
+    params = parse_chat_request({"model": "tiny-alias", "messages": messages}, CONFIG)
+    assert params.question == "<budget>5</budget>\n1+1?"
+    assert params.budget is None
+
+
+def test_server_default_for_budget_enforcement():
+    config = ServerConfig(enforce_budget=True, budget_slack=0.5)
+    params = parse_chat_request({"messages": QUESTION}, config)
+    assert (params.enforce_budget, params.slack) == (True, 0.5)
+    assert parse_chat_request({"messages": QUESTION, "enforce_budget": False}, config).enforce_budget is False
+
+
+def test_prometheus_text():
+    text = Metrics.prometheus({"requests": 3, "active": 1, "generator": {"x": 1}})
+    assert "selfbudgeter_requests_total 3" in text
+    assert "# TYPE selfbudgeter_active gauge" in text and "generator" not in text
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--api-key", "--max-concurrent", "--max-budget",
+                 "--served-model-name", "--enforce-budget"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv", [["--model", "m", "--port", "abc"], ["--model", "m", "--max-concurrent", "0"],
+                                  ["--port", "80"], ["--model", "m", "--effort-budgets", "huge=5"]])
+def test_bad_arguments_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "error" in err
+
+
+def test_missing_model_dir_is_one_line(tmp_path, capsys):
+    from selfbudgeter import cli
+
+    assert cli.main(["serve", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+
+
+# --- the live server --------------------------------------------------------------------------------------
+
+
+class LiveServer:
+    """uvicorn on a free 127.0.0.1 port in a background thread, with a bounded request budget."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", limit_max_requests=500,
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_model_dir):
+    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.models import load_model
+
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    # A random model ends at a random EOS; without EOS every generation runs to its cap or until stopped.
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    gen = BudgetGenerator(model, tokenizer, max_batch_size=4)
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def live(generator):
+    config = ServerConfig(served_model_name="tiny", aliases=("tiny-alias",), api_key=KEY, max_concurrent=8,
+                          max_body_bytes=4096, ping_seconds=0.5)
+    server = LiveServer(create_app(generator, config))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(live):
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def metrics(live) -> dict:
+    return httpx.get(f"{live.url}/metrics", timeout=10).json()
+
+
+def wait_for(predicate, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def control(live, cid, action):
+    return httpx.post(f"{live.url}/v1/chat/completions/control", json={"id": cid, "action": action},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+
+
+def test_non_stream(client):
+    out = client.chat.completions.create(model="tiny", messages=QUESTION, max_completion_tokens=12, seed=1,
+                                         extra_body={"thinking_token_budget": 50})
+    choice = out.choices[0]
+    assert out.id.startswith("chatcmpl-") and out.object == "chat.completion" and out.model == "tiny"
+    assert choice.finish_reason == "length"
+    budget = choice.message.model_extra["budget"]
+    assert (budget["tokens"], budget["source"], budget["used_tokens"]) == (50, "user", 12)
+    assert budget["eta_seconds"] > 0
+    assert "<budget>" not in choice.message.content and "<solution>" not in choice.message.content
+    assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens > 0
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 12
+    assert out.usage.completion_tokens_details.reasoning_tokens == 12
+    assert out.usage.model_extra["budget"] == {"tokens": 50, "used_tokens": 12}
+
+
+def test_stream_sends_the_budget_first(client):
+    stream = client.chat.completions.create(
+        model="tiny", messages=QUESTION, stream=True, max_completion_tokens=15, seed=2,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"thinking_token_budget": 40},
+    )
+    kinds, text, budgets, finish, usage = [], "", [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            extra = delta.model_extra or {}
+            if extra.get("budget"):
+                budgets.append(extra["budget"])
+                assert delta.content is None
+                kinds.append("budget")
+            elif delta.content:
+                text += delta.content
+                kinds.append("text")
+                # continuous usage: running token count on every content chunk
+                assert chunk.usage.model_extra["budget"]["tokens"] == 40
+            finish = chunk.choices[0].finish_reason or finish
+        else:
+            usage = chunk.usage
+    assert len(budgets) == 1 and budgets[0]["tokens"] == 40 and budgets[0]["source"] == "user"
+    assert isinstance(budgets[0]["eta_seconds"], float)
+    assert kinds.index("budget") < kinds.index("text")
+    assert "<budget>" not in text and "</solution>" not in text
+    assert finish == "length"
+    assert usage.completion_tokens == 15 and usage.completion_tokens_details.reasoning_tokens == 15
+    assert usage.model_extra["budget"] == {"tokens": 40, "used_tokens": 15}
+
+
+def test_stream_without_usage_has_no_usage_chunk(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=QUESTION, stream=True,
+                                                 max_completion_tokens=3, extra_body={"thinking_token_budget": 9}))
+    assert all(chunk.choices for chunk in chunks) and all(chunk.usage is None for chunk in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_budget_tag_in_the_question_is_not_a_prefill(client):
+    messages = [{"role": "user", "content": "<budget>7</budget><solution> what is 1+1?"}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True,
+                                                 max_completion_tokens=8, seed=3))
+    budgets = [c.choices[0].delta.model_extra.get("budget") for c in chunks if c.choices]
+    # The random model never writes a budget tag itself, so no budget is known at all.
+    assert not any(budgets)
+
+
+def test_reasoning_effort_sets_a_budget(client):
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, stream=True, max_completion_tokens=2,
+                                            reasoning_effort="minimal")
+    budgets = [c.choices[0].delta.model_extra.get("budget") for c in stream if c.choices]
+    assert [b["tokens"] for b in budgets if b] == [64]
+
+
+def test_budget_enforcement_forces_the_answer(client):
+    out = client.chat.completions.create(
+        model="tiny", messages=QUESTION, max_completion_tokens=300, seed=4,
+        extra_body={"thinking_token_budget": 10, "enforce_budget": True, "budget_slack": 0.0},
+    )
+    choice = out.choices[0]
+    assert choice.model_extra["finish_detail"] == "answered_early" and choice.finish_reason == "stop"
+    assert "So the answer is" in choice.message.content
+    assert 10 <= out.usage.completion_tokens <= 10 + 32
+    assert out.usage.completion_tokens_details.reasoning_tokens == 10
+
+
+def first_text_chunk(stream):
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return chunk
+    raise AssertionError("the stream ended before any text")
+
+
+def test_closing_the_stream_stops_generation(client, live, generator):
+    before, stopped_before = metrics(live), generator.stats()["stopped"]
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, stream=True, max_completion_tokens=400,
+                                            extra_body={"thinking_token_budget": 300})
+    first_text_chunk(stream)
+    stream.close()
+    assert wait_for(lambda: metrics(live)["aborted_by_disconnect"] == before["aborted_by_disconnect"] + 1)
+    assert wait_for(lambda: generator.stats()["stopped"] == stopped_before + 1)
+    after = metrics(live)
+    assert after["active"] == 0
+    # stopped long before its 400-token cap
+    assert after["tokens_generated"] - before["tokens_generated"] < 300
+
+
+def test_cancel_through_the_control_call(client, live):
+    before = metrics(live)["cancelled"]
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, stream=True, max_completion_tokens=400,
+                                            extra_body={"thinking_token_budget": 300})
+    cid = first_text_chunk(stream).id
+    response = control(live, cid, "cancel")
+    assert response.status_code == 200 and response.json()["status"] == "accepted"
+    last = list(stream)[-1].choices[0]
+    assert last.finish_reason == "abort" and last.model_extra["finish_detail"] == "stopped"
+    assert metrics(live)["cancelled"] == before + 1
+    assert control(live, cid, "cancel").status_code == 404  # it is over
+
+
+@pytest.mark.parametrize("action", ["answer_now", "reasoning_end"])
+def test_answer_now_through_the_control_call(client, live, action):
+    before = metrics(live)["answered_early"]
+    stream = client.chat.completions.create(model="tiny", messages=QUESTION, stream=True, max_completion_tokens=400,
+                                            extra_body={"thinking_token_budget": 300})
+    cid = first_text_chunk(stream).id
+    assert control(live, cid, action).status_code == 200
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "stop" and last.model_extra["finish_detail"] == "answered_early"
+    assert "So the answer is" in text
+    assert metrics(live)["answered_early"] == before + 1
+
+
+def test_control_errors(live):
+    assert control(live, "chatcmpl-unknown", "cancel").status_code == 404
+    bad = control(live, "chatcmpl-unknown", "explode")
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "action"
+    assert httpx.post(f"{live.url}/v1/chat/completions/control", json={"id": "x", "action": "cancel"},
+                      timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("budget", [0, -5, 10**12, "abc"])
+def test_invalid_budget_is_a_bad_request(client, budget):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=QUESTION, extra_body={"thinking_token_budget": budget})
+    assert info.value.body["param"] == "thinking_token_budget"
+
+
+def test_budget_beyond_the_context_is_a_bad_request(client):
+    # Allowed by the server's max_budget (131072 by default) but not by the tiny model's 512-token context.
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="tiny", messages=QUESTION, extra_body={"thinking_token_budget": 5000})
+
+
+def test_wrong_key_and_unknown_model(live, client):
+    stranger = openai.OpenAI(base_url=f"{live.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.chat.completions.create(model="tiny", messages=QUESTION)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.models.list()
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="../weights", messages=QUESTION)
+    assert info.value.body["code"] == "model_not_found"
+
+
+def test_oversized_and_malformed_bodies(live):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = httpx.post(f"{live.url}/v1/chat/completions", headers=auth, timeout=10,
+                     json=body(messages=[{"role": "user", "content": "x" * 10_000}]))
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    broken = httpx.post(f"{live.url}/v1/chat/completions", headers=auth, content=b"{not json", timeout=10)
+    assert broken.status_code == 400 and broken.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.get(f"{live.url}/v1/nothing-here", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_models_health_metrics_and_page(live, client):
+    assert [m.id for m in client.models.list()] == ["tiny", "tiny-alias"]
+    health = httpx.get(f"{live.url}/health", timeout=10).json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+    text = httpx.get(f"{live.url}/metrics?format=prometheus", timeout=10).text
+    assert "selfbudgeter_requests_total" in text and "selfbudgeter_aborted_by_disconnect_total" in text
+    page = httpx.get(f"{live.url}/", timeout=10)
+    assert page.status_code == 200 and 'id="answer-now"' in page.text
+
+
+def test_at_capacity_requests_get_429(generator):
+    server = LiveServer(create_app(generator, ServerConfig(served_model_name="tiny", max_concurrent=1)))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=30)
+        stream = client.chat.completions.create(model="tiny", messages=QUESTION, stream=True,
+                                                max_completion_tokens=400, extra_body={"thinking_token_budget": 300})
+        first_text_chunk(stream)
+        with pytest.raises(openai.RateLimitError) as info:
+            client.chat.completions.create(model="tiny", messages=QUESTION, max_completion_tokens=2)
+        assert info.value.response.headers["retry-after"] == "1"
+        stream.close()
+        assert wait_for(lambda: httpx.get(f"{server.url}/health", timeout=10).json()["active"] == 0)
+        out = client.chat.completions.create(model="tiny", messages=QUESTION, max_completion_tokens=2)
+        assert out.choices[0].finish_reason == "length"
+    finally:
+        server.stop()
+
+
+def test_generator_failure_is_a_500(live):
+    class Broken:
+        def submit(self, request):
+            raise RuntimeError("boom")
+
+    server = LiveServer(create_app(Broken(), ServerConfig(served_model_name="tiny")))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(model="tiny", messages=QUESTION)
+        assert info.value.status_code == 500 and info.value.body["type"] == "server_error"
+    finally:
+        server.stop()
+
+
+def test_raw_stream_is_only_data_lines(live):
+    request = body(stream=True, max_completion_tokens=5, thinking_token_budget=20)
+    with httpx.stream("POST", f"{live.url}/v1/chat/completions", json=request, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") or line == ": ping" for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert not any("<budget>" in line for line in lines)
+
+
+def test_keep_alive_pings_while_no_event_comes():
+    import asyncio
+
+    from selfbudgeter.server import _with_pings
+
+    async def slow():
+        await asyncio.sleep(0.25)
+        yield "event"
+
+    async def collect():
+        return [item async for item in _with_pings(slow(), 0.1)]
+
+    out = asyncio.run(collect())
+    assert out[-1] == "event" and out.count(None) >= 1
