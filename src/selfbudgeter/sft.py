@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,9 +39,11 @@ DESCRIPTION = (
 class SFTStageArgs:
     """What the stage reads; everything about training itself is `trl.SFTConfig`."""
 
-    model: str = "embedded"  # a name for models.resolve: `embedded`, a model folder or a hub id
-    dataset: str | None = None  # build-sft's train.jsonl, or the folder holding it
-    max_rows: int | None = None  # train on the first N rows only (quick runs)
+    model: str = field(default="embedded", metadata={"help": "`embedded`, a model folder or a hub id"})
+    dataset: str | None = field(
+        default=None, metadata={"help": "build-sft's train.jsonl, or the folder holding it"}
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "train on the first N rows only"})
 
 
 def cpu_only() -> bool:

@@ -1,0 +1,282 @@
+"""Stage 2: budget-guided GRPO with TRL's `GRPOTrainer` (METHOD.md, Stage 2 and the reward SPEC).
+
+The cold-start model answers training questions in budget format; the rewards named in the recipe score
+each completion (`rewards.REWARDS`: `selfbudgeter` for the method, `accuracy` and `accuracy` +
+`kimi_length` for the baselines). Dataset rows carry the columns the rewards read: `answer`, `b_max` (from
+a Stage 0 profile, by question id) and `prefill_budget`. alpha is not stored anywhere: the reward reads it
+from `trainer_state.global_step / max_steps`, so it follows the global step across resumes.
+
+Options are `GRPOStageArgs`, the reward constants (`rewards.RewardConfig`, same field names) and every field
+of `trl.GRPOConfig`, read from a recipe (`--config embedded/grpo`) with command-line overrides. An
+interrupted run resumes from the last complete `checkpoint-*` in `output_dir`; the final model and its
+tokenizer are saved at the top of `output_dir`.
+
+Choices the paper leaves open (METHOD.md marks them SPEC or is silent):
+1. Prefill budgets: exactly round(prefill_fraction x n) of the n prompts that have a b_max get one, drawn
+   log-uniformly in [prefill_min, prefill_max] x b_max (so a budget is as likely to be halved as doubled),
+   rounded to an integer inside that range. Prompts without b_max never get one: there is no length to
+   draw around. The draw is fixed for the run (seeded by `seed`), so a resumed run sees the same prompts.
+2. Prompts are plain strings (`data.prompt_text`), so a prefilled budget is simply the end of the prompt
+   and the completion continues the solution; the reward re-attaches it before parsing.
+3. Without CUDA the run is forced onto the CPU in float32, as in `sft`; vLLM then is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .data import SYSTEM_PROMPT
+from .errors import UserError
+from .format import DEFAULT_MAX_BUDGET
+from .rewards import RewardConfig
+
+logger = logging.getLogger(__name__)
+
+PROG = "selfbudgeter grpo"
+DESCRIPTION = (
+    "Stage 2: budget-guided GRPO on a cold-started model. Takes --config RECIPE (a YAML path or a packaged "
+    "name such as embedded/grpo), the reward constants and any GRPOConfig field as --field value."
+)
+
+
+@dataclass
+class GRPOStageArgs:
+    """What the stage trains on and with which rewards; training itself is `trl.GRPOConfig`."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "the cold-start model folder (output_dir of `selfbudgeter sft`)"}
+    )
+    dataset: str = field(default="embedded", metadata={"help": "a benchmark name or path (data.load_benchmark)"})
+    split: str = "train"
+    limit: int | None = field(default=None, metadata={"help": "the first N questions only (after profile_only)"})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "folder of named benchmarks (else $SELFBUDGETER_DATA, else the Hub)"}
+    )
+    profile: str | None = field(
+        default=None, metadata={"help": "a Stage 0 profile folder or its questions.jsonl: b_max by question id"}
+    )
+    profile_only: bool = field(default=False, metadata={"help": "train only on questions the profile has"})
+    rewards: list[str] = field(
+        default_factory=lambda: ["selfbudgeter"],
+        metadata={"help": "reward names in order: selfbudgeter, accuracy, kimi_length"},
+    )
+    system_prompt: str | None = field(
+        default=SYSTEM_PROMPT, metadata={"help": "null or empty for none (the embedded model has none)"}
+    )
+    # METHOD.md, SPEC: a share of the prompts with a b_max carry a user budget in [0.5, 2] x b_max.
+    prefill_fraction: float = field(
+        default=0.25, metadata={"help": "share of the prompts with a b_max that carry a user budget"}
+    )
+    prefill_min: float = field(default=0.5, metadata={"help": "user budgets are at least this x b_max"})
+    prefill_max: float = field(default=2.0, metadata={"help": "user budgets are at most this x b_max"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.prefill_fraction <= 1.0:
+            raise UserError(f"prefill_fraction must be in [0, 1], not {self.prefill_fraction}")
+        if not 0.0 < self.prefill_min <= self.prefill_max:
+            raise UserError(
+                f"need 0 < prefill_min <= prefill_max, got prefill_min={self.prefill_min}, "
+                f"prefill_max={self.prefill_max}"
+            )
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"limit must be >= 1, not {self.limit}")
+        if not self.rewards:
+            raise UserError("rewards is empty: name at least one reward")
+
+
+def make_parser():
+    """The TrlParser of this stage (its `--help` lists every option); `parse_args` is what `main` uses."""
+    from trl import GRPOConfig, TrlParser
+
+    return TrlParser((GRPOStageArgs, RewardConfig, GRPOConfig), prog=PROG, description=DESCRIPTION)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, RewardConfig, Any]:
+    """(GRPOStageArgs, RewardConfig, trl.GRPOConfig) from a recipe and overrides."""
+    from trl import GRPOConfig
+
+    from .sft import parse_stage_config
+
+    stage, reward_cfg, config = parse_stage_config((GRPOStageArgs, RewardConfig, GRPOConfig), argv, PROG, DESCRIPTION)
+    return stage, reward_cfg, config
+
+
+def profile_file(profile: str | os.PathLike) -> Path:
+    path = Path(profile).expanduser()
+    if path.is_dir():
+        path = path / "questions.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (a profile folder holds questions.jsonl; see `selfbudgeter profile`)")
+    return path
+
+
+def load_b_max(profile: str | os.PathLike) -> dict[str, float | None]:
+    """b_max by question id from a profile; null (no correct sample) stays None, i.e. unconstrained."""
+    from .data import read_jsonl
+
+    path = profile_file(profile)
+    table: dict[str, float | None] = {}
+    for number, record in enumerate(read_jsonl(path), start=1):
+        if "id" not in record:
+            raise UserError(f"{path}: record {number}: missing field 'id'")
+        value = record.get("b_max")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise UserError(f"{path}: record {number}: b_max must be a positive number or null, got {value!r}")
+            value = float(value)
+        table[str(record["id"])] = value
+    return table
+
+
+def sample_prefills(
+    b_maxes: Sequence[float | None],
+    fraction: float,
+    low: float = 0.5,
+    high: float = 2.0,
+    seed: int = 0,
+    max_budget: int = DEFAULT_MAX_BUDGET,
+) -> list[int | None]:
+    """A user budget for round(fraction x n) of the n entries with a b_max, log-uniform in [low, high] x b_max.
+
+    Budgets are integers inside [ceil(low b_max), floor(high b_max)] and at most max_budget; an entry whose
+    range holds no such integer gets none.
+    """
+    eligible = [i for i, b in enumerate(b_maxes) if b is not None]
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(eligible, round(fraction * len(eligible))))
+    budgets: list[int | None] = [None] * len(b_maxes)
+    for i in chosen:
+        b_max = float(b_maxes[i])
+        lowest = max(1, math.ceil(low * b_max))
+        highest = min(max_budget, math.floor(high * b_max))
+        if lowest > highest:
+            continue
+        drawn = b_max * math.exp(rng.uniform(math.log(low), math.log(high)))
+        budgets[i] = min(max(round(drawn), lowest), highest)
+    return budgets
+
+
+def build_rows(
+    questions: Iterable[Any],
+    tokenizer: Any,
+    stage: GRPOStageArgs,
+    b_max: dict[str, float | None] | None = None,
+    seed: int = 0,
+    max_budget: int = DEFAULT_MAX_BUDGET,
+) -> list[dict[str, Any]]:
+    """GRPO rows (`prompt`, `answer`, `b_max`, `prefill_budget`, `difficulty`, `id`) for `data.Row`s."""
+    from .data import prompt_text
+    from .sft import strip_template_bos
+
+    questions = list(questions)
+    b_max = b_max or {}
+    if stage.profile_only:
+        questions = [q for q in questions if q.id in b_max]
+    if stage.limit is not None:
+        questions = questions[: stage.limit]
+    if not questions:
+        raise UserError("no questions to train on" + (" (none of them is in the profile)" if stage.profile_only else ""))
+    b_maxes = [b_max.get(q.id) for q in questions]
+    prefills = sample_prefills(b_maxes, stage.prefill_fraction, stage.prefill_min, stage.prefill_max, seed, max_budget)
+    rows = []
+    for question, bound, prefill in zip(questions, b_maxes, prefills):
+        prompt = prompt_text(tokenizer, question.question, budget=prefill, system_prompt=stage.system_prompt or None)
+        rows.append(
+            {
+                "prompt": strip_template_bos(tokenizer, prompt),
+                "answer": question.answer,
+                "b_max": bound,
+                "prefill_budget": prefill,
+                "difficulty": question.difficulty,
+                "id": question.id,
+            }
+        )
+    return rows
+
+
+def load_rows(stage: GRPOStageArgs, tokenizer: Any, seed: int = 0, max_budget: int = DEFAULT_MAX_BUDGET) -> list[dict]:
+    """The training questions of `stage.dataset`, joined with the profile's b_max, as GRPO rows."""
+    from .data import load_benchmark
+
+    questions = load_benchmark(stage.dataset, stage.split, data_dir=stage.data_dir)
+    b_max = None
+    if stage.profile:
+        b_max = load_b_max(stage.profile)
+        known = sum(q.id in b_max for q in questions)
+        if known == 0:
+            raise UserError(
+                f"profile {profile_file(stage.profile)} has no entry for any question of {stage.dataset!r} "
+                f"(split {stage.split!r}): was it made on another dataset?"
+            )
+        logger.info("grpo: the profile covers %d of %d questions", known, len(questions))
+    else:
+        logger.warning("grpo: no profile, so no b_max: no budget penalty and no prefilled budgets")
+    rows = build_rows(questions, tokenizer, stage, b_max, seed, max_budget)
+    constrained = sum(r["b_max"] is not None for r in rows)
+    prefilled = sum(r["prefill_budget"] is not None for r in rows)
+    logger.info("grpo: %d prompts, %d with b_max, %d with a prefilled budget", len(rows), constrained, prefilled)
+    return rows
+
+
+def _reward_names(funcs: Sequence[Any]) -> list[str]:
+    return [getattr(f, "__name__", type(f).__name__) for f in funcs]
+
+
+def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callbacks: list | None = None) -> Path:
+    """Train and save; returns `config.output_dir`. Resumes from the last checkpoint there, if any."""
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import GRPOTrainer
+
+    from .models import load_tokenizer, resolve
+    from .rewards import build_reward_funcs
+    from .sft import cpu_only, resume_point, save_final
+
+    if stage.model is None:
+        raise UserError("no --model: give the cold-start model folder (the output_dir of `selfbudgeter sft`)")
+    if config.use_vllm and cpu_only():
+        raise UserError("use_vllm needs a CUDA GPU; set use_vllm false to generate with transformers on the CPU")
+    source = resolve(stage.model)
+    tokenizer = load_tokenizer(stage.model)
+    reward_funcs = build_reward_funcs(stage.rewards, tokenizer, reward_cfg)
+    names = _reward_names(reward_funcs)
+    if config.reward_weights is not None and len(config.reward_weights) != len(reward_funcs):
+        raise UserError(
+            f"reward_weights has {len(config.reward_weights)} values for {len(reward_funcs)} reward functions "
+            f"({', '.join(names)})"
+        )
+    rows = load_rows(stage, tokenizer, config.seed, reward_cfg.max_budget)
+    set_seed(config.seed)
+    resume = resume_point(config)
+    logger.info(
+        "grpo: %s with rewards %s -> %s%s",
+        source,
+        ", ".join(names),
+        config.output_dir,
+        f" (resuming from {resume})" if resume else "",
+    )
+    trainer = GRPOTrainer(
+        model=source,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    out = save_final(trainer, tokenizer, config.output_dir)
+    logger.info("grpo: saved the model to %s", out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    stage, reward_cfg, config = parse_args(argv)
+    out = run_grpo(stage, reward_cfg, config)
+    print(f"GRPO model saved to {out}")
+    return 0
