@@ -266,3 +266,17 @@ def test_grpo_resumes_after_a_kill_with_the_same_alpha_schedule(tmp_path, tiny_m
         assert math.isclose(resumed[step], alpha), (step, resumed[step], alpha)
     # The schedule really moved: alpha at the step-3 generation is 6 - 5.9 * 3/4 (logged at step 4).
     assert reference[4] == pytest.approx(6.0 - 5.9 * 3 / 4)
+
+
+@pytest.mark.parametrize("size", ["1.5b", "7b"])
+def test_paper_recipes(size):
+    stage, reward_cfg, config = grpo.parse_args(["--config", f"deepseek-r1-distill-qwen-{size}/grpo"])
+    assert stage.rewards == ["selfbudgeter"] and stage.profile
+    assert (config.num_generations, config.temperature) == (5, 0.6)  # the paper's rollouts
+    assert (reward_cfg.alpha_start, reward_cfg.alpha_end) == (6.0, 0.1)
+    assert config.use_vllm and config.vllm_mode == "colocate"
+    assert config.max_completion_length == 16384
+    assert config.generation_batch_size % config.num_generations == 0
+    if cpu_only():
+        with pytest.raises(UserError, match="use_vllm needs a CUDA GPU"):
+            grpo.run_grpo(stage, reward_cfg, config)
