@@ -129,6 +129,7 @@ class GenerationHandle:
     def stop(self) -> None:
         """End generation within one decode step; the FinalEvent says "stopped"."""
         self._stop.set()
+        self._generator._stop_queued(self)
 
     def answer_now(self) -> None:
         """Close the reasoning and force the final answer (at most `answer_cap` tokens)."""
@@ -203,6 +204,8 @@ class GenerationHandle:
 
     def _push(self, event: Event) -> None:
         with self._cond:
+            if self._events and isinstance(self._events[-1], FinalEvent):
+                return  # a token that raced with stop(): the request has already ended
             self._events.append(event)
             self._cond.notify_all()
             waiters = list(self._waiters)
@@ -265,6 +268,9 @@ class _Row:
         self.in_solution = False  # the solution tag is behind us: forced text lands inside the solution
         self.closed = False  # no more tokens from the main generation
         self.final: FinalEvent | None = None
+        self.answering = False  # handed to the answer thread
+        self.running = False  # a worker has taken it: only that worker (or the answer thread) ends it
+        self.lock = threading.Lock()
         self.seed = request.seed if request.seed is not None else random.randrange(2**63)
         self.rng = None  # torch.Generator, made on the scores' device at the first step
         self.detok: _Detokenizer | None = None
@@ -388,6 +394,7 @@ class BudgetGenerator:
         self._speed_lock = threading.Lock()
         self._stats = _Stats()
         self._active: set[GenerationHandle] = set()
+        self._queued: dict[str, _Row] = {}  # submitted, not yet taken by a worker
         self._active_lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._answers: queue.Queue = queue.Queue()
@@ -427,6 +434,7 @@ class BudgetGenerator:
             # The user's budget is known before any decoding: the parser sees the pre-filled tags first.
             self._feed(row, fmt.render_prefill(row.budget_hint), source="user")
             row.in_solution = True
+        self._queued[handle.id] = row
         self._queue.put(row)
         return handle
 
@@ -648,7 +656,7 @@ class BudgetGenerator:
         # Answer-now waits until the solution has begun, so the forced suffix lands inside it (a few
         # tokens at most: the budget tag comes first).
         if row.handle._answer_now.is_set() and row.in_solution:
-            row.closed = True
+            row.closed = row.answering = True
             self._answers.put(row)
 
     @staticmethod
@@ -658,9 +666,24 @@ class BudgetGenerator:
         return max(1, int(row.budget * (1 + row.request.slack)))
 
     def _finish(self, row: _Row, reason: str) -> None:
-        if row.final is not None:
+        with row.lock:
+            if row.final is not None:
+                return
+            self._finalize(row, reason)
+
+    def _stop_queued(self, handle: GenerationHandle) -> None:
+        """A request stopped before any worker took it ends now, not when a worker becomes free."""
+        row = self._queued.get(handle.id)
+        if row is None:
             return
+        with row.lock:
+            if row.running or row.final is not None:
+                return
+            self._finalize(row, "stopped")
+
+    def _finalize(self, row: _Row, reason: str) -> None:
         row.closed = True
+        self._queued.pop(row.handle.id, None)
         format_error = None
         if reason == "finished":
             # Flush what the parser holds back and learn whether the response was complete.
@@ -726,12 +749,17 @@ class BudgetGenerator:
                 self._run_batch(batch)
             except Exception as err:  # a model error must not kill the worker or hang the callers
                 logger.exception("generation failed for a batch of %d", len(batch))
-                self._abort(batch, err)
+                # Rows already handed to the answer thread are that thread's to end.
+                self._abort([row for row in batch if not row.answering], err)
 
     def _abort(self, rows: list[_Row], err: BaseException) -> None:
         for row in rows:
-            if row.final is None:
+            with row.lock:
+                if row.final is not None:
+                    continue
                 row.closed = True
+                row.final = err  # type: ignore[assignment]  # nothing may end it again
+                self._queued.pop(row.handle.id, None)
                 with self._stats.lock:
                     self._stats.aborted += 1
                 with self._active_lock:
@@ -744,10 +772,15 @@ class BudgetGenerator:
 
         rows = []
         for row in batch:
+            with row.lock:
+                if row.final is not None:
+                    continue  # stopped while queued
+                row.running = True
+            self._queued.pop(row.handle.id, None)
             if row.handle._stop.is_set():
                 self._finish(row, "stopped")
             elif row.handle._answer_now.is_set():
-                row.closed = True
+                row.closed = row.answering = True
                 self._answers.put(row)
             else:
                 rows.append(row)

@@ -1,0 +1,376 @@
+"""Tests of the budget-first generator: `pytest tests/test_generator.py` (CPU, about a minute).
+
+Two kinds of model: `ScriptedLM`, a transformers model whose output is fixed by its config (a budget, a
+solution, the answer it gives when forced), for exact event sequences; and the random tiny Llama from
+conftest, for the real transformers path. `ScriptedLM` is also what the chat CLI tests load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from selfbudgeter import format as fmt  # noqa: E402
+from selfbudgeter.errors import UserError  # noqa: E402
+from selfbudgeter.generator import (  # noqa: E402
+    BudgetEvent,
+    BudgetGenerator,
+    FinalEvent,
+    GenerationRequest,
+    TextEvent,
+    _Detokenizer,
+)
+
+CONTENT = "Two plus three is five. " * 3 + "So \\boxed{5}"
+
+
+class ScriptedConfig(transformers.LlamaConfig):
+    model_type = "scripted_budget_lm"
+
+    def __init__(self, budget=12, content=CONTENT, answer="7", delay=0.0, **kwargs):
+        self.budget, self.content, self.answer, self.delay = budget, content, answer, delay
+        super().__init__(**kwargs)
+
+
+class ScriptedLM(transformers.PreTrainedModel, transformers.GenerationMixin):
+    """Writes `<budget>B</budget><solution>CONTENT</solution>` (continuing a pre-filled budget), and
+    `ANSWER}</solution>` after any `boxed{` it did not write itself (a forced answer). It reads the text
+    after the last assistant marker on every step, so it needs `use_cache=False`; `delay` slows each step."""
+
+    config_class = ScriptedConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # from_pretrained wants some weight
+        self.tokenizer = None
+        self.post_init()
+
+    def _target(self, said: str) -> str:
+        cfg = self.config
+        if said.startswith(fmt.BUDGET_OPEN) and fmt.BUDGET_CLOSE in said:
+            head = said[: said.index(fmt.BUDGET_CLOSE)]
+            natural = f"{head}{fmt.BUDGET_CLOSE}{fmt.SOLUTION_OPEN}{cfg.content}{fmt.SOLUTION_CLOSE}"
+        else:
+            natural = fmt.render_response(cfg.budget, cfg.content)
+        if not natural.startswith(said) and "boxed{" in said:  # text was forced in: answer
+            return said[: said.rindex("boxed{") + len("boxed{")] + cfg.answer + "}" + fmt.SOLUTION_CLOSE
+        return natural
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        if self.tokenizer is None:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.config._name_or_path)
+        tok = self.tokenizer
+        if self.config.delay:
+            time.sleep(self.config.delay)
+        marker = tok.convert_tokens_to_ids("<|assistant|>")
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], self.config.vocab_size), -1e4)
+        for i, row in enumerate(input_ids.tolist()):
+            start = len(row) - 1 - row[::-1].index(marker)
+            said = tok.decode(row[start + 1 :], skip_special_tokens=True)
+            target = self._target(said)
+            rest = target[len(said) :] if target.startswith(said) else ""
+            logits[i, -1, tok.encode(rest, add_special_tokens=False)[0] if rest else tok.eos_token_id] = 0.0
+        return transformers.modeling_outputs.CausalLMOutputWithPast(logits=logits)
+
+
+def register_scripted() -> None:
+    """Make `ScriptedLM` loadable by `AutoModelForCausalLM` (idempotent)."""
+    try:
+        transformers.AutoConfig.register(ScriptedConfig.model_type, ScriptedConfig)
+        transformers.AutoModelForCausalLM.register(ScriptedConfig, ScriptedLM)
+    except ValueError:  # already registered
+        pass
+
+
+def scripted_model(tokenizer, **script):
+    tokenizer.padding_side = "left"
+    config = ScriptedConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=8,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **script,
+    )
+    model = ScriptedLM(config)
+    model.tokenizer = tokenizer
+    model.generation_config.use_cache = False
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_scripted(path, tokenizer, **script):
+    """A ScriptedLM saved as a model directory (what the CLI tests load)."""
+    scripted_model(tokenizer, **script).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def scripted(embedded_tokenizer):
+    # A long batching window so requests submitted one after another share a batch.
+    with BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, batch_window=0.3) as gen:
+        yield gen
+
+
+@pytest.fixture(scope="module")
+def slow_scripted(embedded_tokenizer):
+    model = scripted_model(embedded_tokenizer, delay=0.02, content="Still thinking. " * 10 + "\\boxed{5}")
+    with BudgetGenerator(model, embedded_tokenizer, batch_window=0.3, max_concurrent_batches=1) as gen:
+        yield gen
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    with BudgetGenerator.from_pretrained(tiny_model_dir, device="cpu", batch_window=0.3) as gen:
+        yield gen
+
+
+def _kinds(events):
+    return [type(e).__name__ for e in events]
+
+
+# --- the budget comes first -------------------------------------------------------------------------------
+
+
+def test_model_budget_first_and_once(scripted):
+    events = list(scripted.stream(GenerationRequest("What is 2+3?", temperature=0)))
+    assert isinstance(events[0], BudgetEvent) and isinstance(events[-1], FinalEvent)
+    assert _kinds(events).count("BudgetEvent") == 1 and _kinds(events).count("FinalEvent") == 1
+    assert (events[0].tokens, events[0].source) == (12, "model")
+    assert events[0].eta_seconds > 0
+    text = "".join(e.text for e in events if isinstance(e, TextEvent))
+    final = events[-1]
+    assert text == final.solution == CONTENT
+    assert not any(tag in text for tag in fmt.TAGS)
+    assert (final.answer, final.finish_reason, final.budget_source) == ("5", "finished", "model")
+    assert final.response == fmt.render_response(12, CONTENT)
+    assert final.within_budget is False and final.used_tokens > 12
+    assert 0 < final.seconds_to_budget <= final.seconds_total
+
+
+def test_user_budget_is_out_before_any_decoding(slow_scripted):
+    handle = slow_scripted.submit(GenerationRequest("What is 2+3?", budget=40, temperature=0))
+    # Published by submit itself: no worker has run a decode step for this request yet.
+    first = handle.budget
+    assert first is not None and (first.tokens, first.source) == (40, "user")
+    events = list(handle)
+    assert events[0] is first and _kinds(events).count("BudgetEvent") == 1
+    assert events[1:] and all(not isinstance(e, BudgetEvent) for e in events[1:])
+    final = events[-1]
+    assert (final.budget, final.budget_source, final.finish_reason) == (40, "user", "finished")
+    assert final.seconds_to_budget < 0.05
+    assert final.response.startswith(fmt.render_prefill(40))
+
+
+def test_budget_tags_in_the_question_are_text(scripted):
+    question = f"{fmt.render_prefill(3)} What is 2+3?"
+    events = list(scripted.stream(GenerationRequest(question, temperature=0)))
+    assert (events[0].tokens, events[0].source) == (12, "model")  # the scripted model's own, not the 3
+
+
+def test_user_budget_with_the_real_model(tiny):
+    events = list(tiny.stream(GenerationRequest("What is 2+3?", budget=9, max_new_tokens=6, seed=0)))
+    assert isinstance(events[0], BudgetEvent) and (events[0].tokens, events[0].source) == (9, "user")
+    final = events[-1]
+    assert isinstance(final, FinalEvent) and final.budget == 9
+    assert final.used_tokens <= 6
+    # A random model may or may not emit EOS early, but it cannot pass the hard cap.
+    assert final.finish_reason in ("length", "finished", "format_error")
+    assert "".join(e.text for e in events if isinstance(e, TextEvent)) == final.solution
+
+
+# --- stop, answer now, enforcement ------------------------------------------------------------------------
+
+
+def test_stop_ends_one_request_and_its_batch_mate_goes_on(slow_scripted):
+    batches = slow_scripted.stats()["batches"]
+    stopped = slow_scripted.submit(GenerationRequest("What is 2+3?", temperature=0))
+    other = slow_scripted.submit(GenerationRequest("What is 4+5?", temperature=0))
+    seen = []
+    for event in stopped:
+        seen.append(event)
+        if isinstance(event, TextEvent) and len(seen) == 4:
+            asked = time.perf_counter()
+            stopped.stop()
+    final = seen[-1]
+    latency = time.perf_counter() - asked
+    assert final.finish_reason == "stopped" and latency < 1.0
+    assert final.used_tokens < 20
+    rest = other.result(timeout=60)
+    assert rest.finish_reason == "finished" and rest.answer == "5"
+    assert rest.used_tokens > 60
+    assert slow_scripted.stats()["batches"] == batches + 1  # they did share one generate call
+
+
+def test_stop_before_start_ends_at_once(slow_scripted):
+    busy = slow_scripted.submit(GenerationRequest("What is 2+3?", temperature=0))
+    next(iter(busy))
+    time.sleep(0.5)  # the only worker is inside generate for `busy`
+    queued = slow_scripted.submit(GenerationRequest("What is 4+5?", temperature=0))
+    queued.stop()
+    final = queued.result(timeout=0.5)
+    assert final.finish_reason == "stopped" and final.used_tokens == 0
+    assert not busy.done
+    busy.stop()
+    assert busy.result(timeout=5).finish_reason == "stopped"
+
+
+def test_answer_now_forces_the_answer(slow_scripted):
+    handle = slow_scripted.submit(GenerationRequest("What is 2+3?", budget=300, temperature=0))
+    events = []
+    for event in handle:
+        events.append(event)
+        if isinstance(event, TextEvent) and event.used_tokens == 5:
+            handle.answer_now()
+    final = events[-1]
+    answer_text = "".join(e.text for e in events if isinstance(e, TextEvent) and e.phase == "answer")
+    assert answer_text == "\nSo the answer is \\boxed{7}"  # the scripted model answers 7 when forced
+    phases = [e.phase for e in events if isinstance(e, TextEvent)]
+    assert phases == sorted(phases, key=lambda p: p == "answer")  # no solution text after the answer
+    assert (final.finish_reason, final.answer) == ("answered_early", "7")
+    assert final.solution.endswith(answer_text) and final.used_tokens < 20
+
+
+@pytest.mark.parametrize("budget, slack", [(5, 0.2), (10, 0.0), (1, 0.5)])
+def test_enforcement_bound(scripted, budget, slack):
+    request = GenerationRequest("What is 2+3?", budget=budget, enforce_budget=True, slack=slack, temperature=0)
+    final = scripted.generate(request)
+    assert final.finish_reason == "answered_early" and final.answer == "7"
+    assert final.used_tokens <= int(budget * (1 + slack)) + request.answer_cap
+
+
+def test_enforcement_bound_on_model_budget_and_real_model(scripted, tiny):
+    final = scripted.generate(GenerationRequest("What is 2+3?", enforce_budget=True, temperature=0))
+    assert final.budget_source == "model" and final.used_tokens <= int(12 * 1.2) + 32
+    for seed in range(3):
+        request = GenerationRequest("What is 2+3?", budget=4, enforce_budget=True, answer_cap=5, seed=seed)
+        final = tiny.generate(request)
+        assert final.used_tokens <= int(4 * 1.2) + 5
+
+
+def test_answer_cap_and_hard_cap(scripted):
+    final = scripted.generate(GenerationRequest("What is 2+3?", max_new_tokens=8, temperature=0))
+    assert final.finish_reason == "length"
+    assert len(final.response) < len(fmt.render_response(12, CONTENT))
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"question": ""}, "empty"),
+        ({"question": "   "}, "empty"),
+        ({"budget": 0}, "at least 1"),
+        ({"budget": -5}, "at least 1"),
+        ({"budget": 10**12}, "context"),
+        ({"budget": 600}, "context"),  # over the 512-token context after the prompt
+        ({"budget": "abc"}, "whole number"),
+        ({"budget": "120"}, "whole number"),
+        ({"budget": True}, "whole number"),
+        ({"budget": 2.5}, "whole number"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"slack": -1.0}, "slack"),
+        ({"answer_cap": 0}, "answer_cap"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_requests_raise_user_error(scripted, fields, message):
+    request = GenerationRequest(**{"question": "What is 2+3?", **fields})
+    with pytest.raises(UserError, match=message):
+        scripted.submit(request)
+
+
+def test_unknown_model_path_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        BudgetGenerator.from_pretrained(tmp_path / "no-such-model")
+
+
+# --- batching, seeds, decoding, asyncio ----------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_a_batch(tiny):
+    batches = tiny.stats()["batches"]
+    requests = [GenerationRequest(f"What is {i}+{i}?", budget=5 + i, max_new_tokens=8, seed=i) for i in range(4)]
+    results = [None] * 4
+
+    def ask(i):
+        results[i] = tiny.generate(requests[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [r.budget for r in results] == [5, 6, 7, 8]
+    assert all(r.used_tokens <= 8 for r in results)
+    assert tiny.stats()["batches"] == batches + 1
+
+
+def test_a_seed_reproduces_the_output(tiny):
+    request = GenerationRequest("What is 2+3?", budget=20, max_new_tokens=12, temperature=1.0, seed=123)
+    first, second = tiny.generate(request), tiny.generate(request)
+    other = tiny.generate(GenerationRequest("What is 2+3?", budget=20, max_new_tokens=12, temperature=1.0, seed=7))
+    assert first.response == second.response
+    assert first.response != other.response
+
+
+def test_incremental_decoding_keeps_multibyte_text_whole(embedded_tokenizer):
+    text = "héllo → 😀 ünïcode 42"
+    ids = embedded_tokenizer.encode(text, add_special_tokens=False)
+    detok = _Detokenizer(embedded_tokenizer, [])
+    pieces = [detok.add([i]) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_aiter_does_not_block_the_event_loop(slow_scripted):
+    async def main():
+        ticks = 0
+        done = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        async def collect(handle):
+            return [event async for event in handle.aiter()]
+
+        tick = asyncio.create_task(ticker())
+        handles = [slow_scripted.submit(GenerationRequest(q, budget=12, temperature=0)) for q in ("2+3?", "4+5?")]
+        results = await asyncio.gather(*(collect(h) for h in handles))
+        done.set()
+        await tick
+        return ticks, results
+
+    ticks, results = asyncio.run(main())
+    assert ticks > 10  # the loop kept running while both requests generated
+    for events in results:
+        assert isinstance(events[0], BudgetEvent) and isinstance(events[-1], FinalEvent)
+        assert events[-1].answer == "5"
+
+
+def test_stats_count_outcomes(embedded_tokenizer):
+    with BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, warmup=False) as gen:
+        gen.generate(GenerationRequest("What is 2+3?", temperature=0))
+        gen.generate(GenerationRequest("What is 2+3?", budget=3, enforce_budget=True, temperature=0))
+        stats = gen.stats()
+    assert (stats["requests"], stats["finished"], stats["answered_early"], stats["active"]) == (2, 1, 1, 0)
+    assert stats["tokens"] > 0 and stats["tokens_per_second"] > 0
