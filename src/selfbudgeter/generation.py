@@ -1,0 +1,381 @@
+"""Batched sampling shared by `profile` and `eval`: prompts in, `Sample`s out, transformers or vLLM.
+
+Determinism. Every sample gets its own seed, derived from (seed, prompt text, sample index), never from
+its position in the list or its batch. With the transformers backend the random draw of each token is a
+pure function of (that seed, the step, the token id) (an inverse-CDF draw from a counter-based hash), so:
+
+1. the same seed, prompts and settings give the same samples, run after run;
+2. a sample does not depend on which other prompts share its batch, on `batch_size`, on the order of the
+   prompts, or on whether a resumed run skips prompts that were already done, *up to floating point*:
+   padding a prompt differently can change its logits in the last bits, which only matters when two
+   tokens are within that distance of each other after the noise is added (rare; never seen on CPU fp32).
+   Greedy decoding (temperature 0) has the same guarantee without the noise.
+
+How this departs from `model.generate(do_sample=True)`:
+1. Sampling is done by a logits processor (temperature, then top-p, then a seeded inverse-CDF draw) and
+   `generate` runs greedily over its one-hot output, because transformers draws every row of a batch from
+   the global torch RNG, which ties each sample to its batch-mates.
+2. top_k is not applied (the whole vocabulary is sampled), as in vLLM's defaults; the model's own
+   `generation_config` sampling settings are ignored so that a run is described by its config alone.
+
+The vLLM backend passes the same per-prompt seeds through `SamplingParams(seed=...)`; vLLM then
+guarantees (1) and, with its default batch-invariant-ish kernels, usually but not always (2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("transformers", "vllm")
+# Chosen by measurement on a 2-core CPU with the embedded base model's shape (see `benchmark`): tokens/s
+# grows up to a batch of 32 and flattens after; GPUs want larger batches and a stage config can say so.
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_NEW_TOKENS = 1024
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
+
+
+@dataclass
+class Sample:
+    text: str  # decoded with skip_special_tokens=True
+    n_tokens: int  # generated tokens, the stop token included
+    finish_reason: Literal["stop", "length"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "n_tokens": self.n_tokens, "finish_reason": self.finish_reason}
+
+
+def sample_seed(seed: int, prompt: str, index: int) -> int:
+    """The 63-bit seed of sample `index` of `prompt`: independent of batches, order and resumption."""
+    digest = hashlib.blake2b(f"{seed}\x00{index}\x00{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _check(n: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int, backend: str) -> None:
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if n < 1:
+        raise UserError(f"the number of samples must be >= 1, not {n}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, not {temperature}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1], not {top_p}")
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens must be >= 1, not {max_new_tokens}")
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, not {batch_size}")
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    n: int = 1,
+    temperature: float = 0.6,
+    top_p: float = 1.0,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    desc: str = "generating",
+    backend: str = "transformers",
+    progress: bool = True,
+) -> list[list[Sample]]:
+    """`n` samples for every prompt (prompts are complete text: chat template applied, prefill included).
+
+    `model` is a transformers causal LM for the transformers backend, a `vllm.LLM` for the vLLM one
+    (`load` builds either). Returns one list of `n` samples per prompt, in the order of `prompts`.
+    """
+    _check(n, temperature, top_p, max_new_tokens, batch_size, backend)
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if backend == "vllm":
+        return _generate_vllm(model, prompts, n, temperature, top_p, max_new_tokens, seed)
+    return _generate_transformers(
+        model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, seed, desc, progress
+    )
+
+
+# --- transformers ------------------------------------------------------------------------------------------
+
+
+def _mix64(x):
+    """splitmix64's finaliser on an int64 tensor (wrapping arithmetic; shifts made logical by masking)."""
+    import torch
+
+    def shr(v, s):
+        return (v >> s) & ((1 << (64 - s)) - 1)
+
+    x = x ^ shr(x, 30)
+    x = x * torch.tensor(_signed(0xBF58476D1CE4E5B9), dtype=torch.int64, device=x.device)
+    x = x ^ shr(x, 27)
+    x = x * torch.tensor(_signed(0x94D049BB133111EB), dtype=torch.int64, device=x.device)
+    return x ^ shr(x, 31)
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def row_uniforms(row_seeds, step: int):
+    """One U(0,1) per row, a pure function of (row seed, step): a counter-based RNG (splitmix64)."""
+    import torch
+
+    x = _mix64(row_seeds + _signed((step + 1) * _GOLDEN))
+    # The top 53 bits as a float in (0, 1): never exactly 0 or 1.
+    return (((x >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) * 2.0**-53
+
+
+class SeededSampler:
+    """Logits processor: temperature, top-p, then an inverse-CDF draw seeded per row; returns a one-hot score.
+
+    `generate` then runs greedily, so the token it picks is the one drawn here. One random number per row
+    and step keeps this cheap next to the forward pass (a Gumbel draw over the vocabulary cost a quarter of
+    the step time of the embedded model on CPU).
+    """
+
+    def __init__(self, row_seeds: Sequence[int], prompt_length: int, temperature: float, top_p: float):
+        import torch
+
+        self.row_seeds = torch.tensor([_signed(s) for s in row_seeds], dtype=torch.int64)
+        self.prompt_length = prompt_length
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        step = input_ids.shape[1] - self.prompt_length
+        logits = scores.float() / self.temperature
+        if self.top_p < 1.0:
+            logits = top_p_filter(logits, self.top_p)
+        # float64 CDF: over a 150k vocabulary float32 rounding would move mass between tokens.
+        cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=torch.float64), dim=-1)
+        u = row_uniforms(self.row_seeds.to(logits.device), step).view(-1, 1) * cdf[:, -1:]
+        chosen = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, chosen, 0.0)
+        return out
+
+
+def top_p_filter(logits, top_p: float):
+    """Nucleus filtering: keep the smallest set of tokens whose probability reaches `top_p` (at least one)."""
+    import torch
+
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
+        raise UserError("the model has no end-of-sequence token: generation would never stop")
+    return ids
+
+
+def _progress(desc: str, total: float, enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _generate_transformers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    desc: str,
+    progress: bool,
+) -> list[list[Sample]]:
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    # Chat-templated prompts already carry any BOS the template wants.
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    # One row per (prompt, sample); longest first so that an out-of-memory batch fails at once and the ETA
+    # errs long. Samples of one prompt stay adjacent.
+    rows = sorted(((p, k) for p in range(len(prompts)) for k in range(n)), key=lambda pk: -len(encoded[pk[0]]))
+    limit = getattr(model.config, "max_position_embeddings", None)
+    device = next(model.parameters()).device
+    results: list[list[Sample | None]] = [[None] * n for _ in prompts]
+    generated = 0
+    start = time.perf_counter()
+    warned = False
+    with _progress(desc, len(prompts), progress) as bar, torch.inference_mode():
+        task = bar.add_task(desc, total=len(prompts), speed="")
+        for first in range(0, len(rows), batch_size):
+            batch = rows[first : first + batch_size]
+            ids = [encoded[p] for p, _ in batch]
+            width = max(map(len, ids))
+            new_tokens = max_new_tokens
+            if limit is not None and width + new_tokens > limit:
+                new_tokens = max(1, limit - width)
+                if not warned:
+                    logger.warning(
+                        "prompt (%d tokens) + max_new_tokens (%d) exceeds the model's %d positions; "
+                        "generating at most %d new tokens", width, max_new_tokens, limit, new_tokens
+                    )
+                    warned = True
+            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
+            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+            config = GenerationConfig(
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad_id,
+                eos_token_id=eos_ids,
+            )
+            processors = LogitsProcessorList()
+            if temperature > 0:
+                seeds = [sample_seed(seed, prompts[p], k) for p, k in batch]
+                processors.append(SeededSampler(seeds, width, temperature, top_p))
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                generation_config=config,
+                logits_processor=processors,
+            )
+            for (p, k), tokens in zip(batch, output[:, width:].tolist()):
+                stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+                kept = tokens if stop is None else tokens[: stop + 1]
+                text = tokenizer.decode(kept, skip_special_tokens=True)
+                results[p][k] = Sample(text, len(kept), "length" if stop is None else "stop")
+                generated += len(kept)
+            rate = generated / max(time.perf_counter() - start, 1e-9)
+            bar.update(task, advance=len(batch) / n, speed=f"{rate:,.0f} tok/s")
+    elapsed = time.perf_counter() - start
+    logger.info(
+        "%s: %d samples, %d tokens in %.1f s (%.0f tok/s)", desc, len(rows), generated, elapsed,
+        generated / max(elapsed, 1e-9),
+    )
+    return [[s for s in per if s is not None] for per in results]
+
+
+# --- vLLM --------------------------------------------------------------------------------------------------
+
+
+def _import_vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise UserError(
+            "backend 'vllm' needs vLLM, which is not installed (pip install 'selfbudgeter[vllm]' on a GPU "
+            "machine), or use backend 'transformers'"
+        ) from None
+    return vllm
+
+
+def _generate_vllm(
+    llm: Any, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+) -> list[list[Sample]]:
+    vllm = _import_vllm()
+    params = [
+        vllm.SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_new_tokens,
+            seed=sample_seed(seed, prompt, 0),
+            skip_special_tokens=True,
+        )
+        for prompt in prompts
+    ]
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=True)
+    results = []
+    generated = 0
+    for output in outputs:
+        samples = []
+        for completion in output.outputs:
+            # vLLM reports "stop" for EOS and stop strings, "length" for max_tokens, "abort" when cancelled.
+            reason = "length" if completion.finish_reason == "length" else "stop"
+            samples.append(Sample(completion.text, len(completion.token_ids), reason))
+            generated += len(completion.token_ids)
+        results.append(samples)
+    elapsed = time.perf_counter() - start
+    logger.info("vllm: %d prompts, %d tokens in %.1f s (%.0f tok/s)", len(prompts), generated, elapsed,
+                generated / max(elapsed, 1e-9))
+    return results
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def load(name_or_path: str, backend: str = "transformers", *, device: str = "auto", dtype: str = "auto",
+         seed: int = 0, max_model_len: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for `backend`: a transformers model (via `models.load_model`) or a `vllm.LLM`."""
+    from . import models
+
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "transformers":
+        return models.load_model(name_or_path, device=device, dtype=dtype)
+    vllm = _import_vllm()
+    tokenizer = models.load_tokenizer(name_or_path)
+    kwargs: dict[str, Any] = {"model": models.resolve(name_or_path), "seed": seed, "dtype": dtype}
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    return vllm.LLM(**kwargs), tokenizer
+
+
+# --- measurement -------------------------------------------------------------------------------------------
+
+
+def benchmark(model: Any, tokenizer: Any, prompts: Sequence[str], batch_sizes: Sequence[int],
+              max_new_tokens: int = 128, seed: int = 0) -> list[dict[str, float]]:
+    """Tokens per second of `generate` at each batch size (one batch per size, full length, no EOS cut)."""
+    rows = []
+    for size in batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(size)]
+        start = time.perf_counter()
+        samples = generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=size, seed=seed,
+                           progress=False)
+        elapsed = time.perf_counter() - start
+        tokens = sum(s.n_tokens for per in samples for s in per)
+        rows.append({"batch_size": size, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed})
+    return rows
