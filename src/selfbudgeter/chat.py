@@ -140,9 +140,7 @@ def _budget_line(event) -> str:
 
 def run_interactive(generator, args: argparse.Namespace, question: str, budget: int | None, console) -> Any:
     """Ask one question with budget line, confirmation, streamed solution and summary; returns the FinalEvent."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .generator import BudgetEvent, FinalEvent, TextEvent
+    from .generator import BudgetEvent, FinalEvent
 
     handle = generator.submit(_request(args, question, budget))
     events = iter(handle)
@@ -165,32 +163,51 @@ def run_interactive(generator, args: argparse.Namespace, question: str, budget: 
     except KeyboardInterrupt:
         handle.stop()
     if final is None:
-        total = budget_event.tokens if budget_event is not None else None
-        columns = [
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.fields[budget]} tokens"),
-            TextColumn("ETA {task.fields[eta]}"),
-            TimeElapsedColumn(),
-        ]
-        line = ""
-        with _Interrupts(handle, console), Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("solving", total=total, budget=total or "?", eta="?")
-            for event in events:
-                if isinstance(event, TextEvent):
-                    # Whole lines go above the bar (rich redraws the bar below them); the partial line waits.
-                    line += event.text
-                    *done, line = line.split("\n")
-                    for text in done:
-                        progress.console.print(text, markup=False, highlight=False)
-                    eta = "-" if event.eta_seconds is None else f"{event.eta_seconds:.1f}s"
-                    description = "answering" if event.phase == "answer" else "solving"
-                    progress.update(task, completed=event.used_tokens, eta=eta, description=description)
-                elif isinstance(event, FinalEvent):
-                    final = event
-            if line:
-                progress.console.print(line, markup=False, highlight=False)
+        final = _stream(handle, events, budget_event, console)
+    elif final.solution:
+        console.print(final.solution, markup=False, highlight=False)
     _summary(final, console)
+    return final
+
+
+def _stream(handle, events, budget_event, console):
+    """The solution as it streams, above a bar of tokens used against the budget; returns the FinalEvent."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    from .generator import FinalEvent, TextEvent
+
+    total = budget_event.tokens if budget_event is not None else None
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.fields[budget]} tokens"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    task = progress.add_task("solving", total=total, budget=total or "?", eta="?")
+    solution = ""
+    final = None
+
+    def view():
+        # Only the tail fits on screen while streaming; the whole solution is printed once it is done.
+        tail = solution[-console.width * 8 :]
+        return Group(Text(tail), progress)
+
+    with _Interrupts(handle, console), Live(view(), console=console, transient=True, refresh_per_second=12) as live:
+        for event in events:
+            if isinstance(event, TextEvent):
+                solution += event.text
+                eta = "-" if event.eta_seconds is None else f"{event.eta_seconds:.1f}s"
+                description = "answering" if event.phase == "answer" else "solving"
+                progress.update(task, completed=event.used_tokens, eta=eta, description=description)
+                live.update(view())  # drawn by Live's own timer: a fast model must not flood the terminal
+            elif isinstance(event, FinalEvent):
+                final = event
+    console.print(final.solution, markup=False, highlight=False)
     return final
 
 
