@@ -470,3 +470,51 @@ def test_keep_alive_pings_while_no_event_comes():
 
     out = asyncio.run(collect())
     assert out[-1] == "event" and out.count(None) >= 1
+
+
+def test_main_wires_the_options_into_the_app(tiny_model_dir, monkeypatch):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setenv("SELFBUDGETER_API_KEY", "from-env")
+    assert main(["--model", str(tiny_model_dir), "--port", "8123", "--served-model-name", "tiny", "tiny2",
+                 "--max-concurrent", "3", "--max-budget", "200", "--enforce-budget"]) == 0
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    config = served["app"].state.selfbudgeter.config
+    assert (config.max_concurrent, config.max_budget, config.enforce_budget) == (3, 200, True)
+    with TestClient(served["app"]) as http:
+        assert http.get("/v1/models").status_code == 401
+        models = http.get("/v1/models", headers={"Authorization": "Bearer from-env"}).json()
+        assert [m["id"] for m in models["data"]] == ["tiny", "tiny2"]
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: tens of seconds on a busy CPU
+def test_serve_command_starts_a_server(tiny_model_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "SELFBUDGETER_API_KEY": "from-env"}
+    argv = [sys.executable, "-m", "selfbudgeter.cli", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+            "--served-model-name", "tiny", "tiny2", "--max-concurrent", "2", "--log-level", "warning"]
+    child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return child.poll() is None and False
+        assert wait_for(up, seconds=120), child.stdout.read() if child.poll() is not None else "no answer"
+        assert httpx.get(f"{url}/v1/models", timeout=5).status_code == 401
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer from-env"}, timeout=5).json()
+        assert [m["id"] for m in models["data"]] == ["tiny", "tiny2"]
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
