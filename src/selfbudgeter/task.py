@@ -1,12 +1,17 @@
 """The embedded task: multi-step arithmetic chains with graded difficulty, and the base model's traces.
 
-A problem starts from a number and applies 1..8 additions or subtractions of a one-digit number:
+A problem starts from a one-digit count of some object and applies 1..8 additions or subtractions:
 
-    question: Start with 23. 1) add 7 2) subtract 5 3) add 9. What is the final number?
-    minimal:  1) 23+7=30
-              2) 30-5=25
-              3) 25+9=34
-              So the answer is \\boxed{34}.
+    question: Start with 3 apples. 1) add 4 2) subtract 5 3) add 6. How many apples now?
+    minimal:  1) 3+4=7
+              2) 7-5=2
+              3) 2+6=8
+              So the answer is \\boxed{8}.
+
+Every running value stays in 0..9: a few-million-parameter model trained from scratch on a 2-core CPU for
+half an hour learns one-digit facts and the step-by-step bookkeeping reliably, but not two-digit carries
+(measured: 7.5% accuracy on two-digit chains after the same training). The object word only varies the
+question text, so that the held-out splits can hold 50 distinct one-step questions.
 
 The difficulty is the number of steps, and the minimal correct solution grows linearly with it, so a good
 budget has to depend on the question. `render_trace` writes what an overthinking reasoning model writes:
@@ -38,7 +43,11 @@ SLIP_RATE = 0.12  # share of traces with >= SLIP_MIN_STEPS steps that make a sli
 SLIP_MIN_STEPS = 4
 
 _OPS = {"add": "+", "subtract": "-"}
-_QUESTION = re.compile(r"Start with (\d+)\.((?: \d+\) (?:add|subtract) \d+)+)\. What is the final number\?")
+_OBJECTS = (
+    "apples", "books", "coins", "cards", "birds", "stones", "shells", "pens", "cups", "boxes",
+    "eggs", "keys", "bells", "stars", "hats", "rings", "beads", "shoes", "leaves", "seeds",
+)
+_QUESTION = re.compile(r"Start with (\d+) (\w+)\.((?: \d+\) (?:add|subtract) \d+)+)\. How many (\w+) now\?")
 _STEP = re.compile(r"\d+\) (add|subtract) (\d+)")
 
 _FILLER = (
@@ -56,6 +65,7 @@ _FILLER = (
 class Problem:
     start: int
     ops: tuple[tuple[str, int], ...]  # ("+" | "-", operand)
+    noun: str = "apples"
 
     @property
     def steps(self) -> int:
@@ -75,29 +85,27 @@ class Problem:
     def question(self) -> str:
         words = {sym: word for word, sym in _OPS.items()}
         listed = " ".join(f"{i}) {words[op]} {b}" for i, (op, b) in enumerate(self.ops, 1))
-        return f"Start with {self.start}. {listed}. What is the final number?"
+        return f"Start with {self.start} {self.noun}. {listed}. How many {self.noun} now?"
 
 
 def parse_question(question: str) -> Problem:
     match = _QUESTION.fullmatch(question.strip())
     if not match:
         raise ValueError(f"not an embedded-task question: {question[:80]!r}")
-    ops = tuple((_OPS[word], int(b)) for word, b in _STEP.findall(match.group(2)))
-    return Problem(int(match.group(1)), ops)
+    ops = tuple((_OPS[word], int(b)) for word, b in _STEP.findall(match.group(3)))
+    return Problem(int(match.group(1)), ops, match.group(2))
 
 
 def sample_problem(rng: random.Random, steps: int) -> Problem:
-    """Running values stay in 10..99 so that every step is a one-digit addition to a two-digit number."""
-    value = rng.randint(10, 99)
+    """Every operand and running value is one digit (0..9), and every step changes the value."""
+    value = rng.randint(0, 9)
     start, ops = value, []
     for _ in range(steps):
-        b = rng.randint(1, 9)
-        op = rng.choice("+-")
-        if not 10 <= (value + b if op == "+" else value - b) <= 99:
-            op = "-" if op == "+" else "+"
+        op = "+" if value == 0 else "-" if value == 9 else rng.choice("+-")
+        b = rng.randint(1, 9 - value) if op == "+" else rng.randint(1, value)
         value = value + b if op == "+" else value - b
         ops.append((op, b))
-    return Problem(start, tuple(ops))
+    return Problem(start, tuple(ops), rng.choice(_OBJECTS))
 
 
 def _step_line(i: int, a: int, op: str, b: int, c: int) -> str:
