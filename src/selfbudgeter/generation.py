@@ -28,7 +28,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from .errors import UserError
 
@@ -88,19 +88,25 @@ def generate(
     seed: int = 0,
     desc: str = "generating",
     backend: str = "transformers",
-    progress: bool = True,
+    progress: bool | Callable[[float], None] = True,
 ) -> list[list[Sample]]:
     """`n` samples for every prompt (prompts are complete text: chat template applied, prefill included).
 
     `model` is a transformers causal LM for the transformers backend, a `vllm.LLM` for the vLLM one
     (`load` builds either). Returns one list of `n` samples per prompt, in the order of `prompts`.
+    `progress`: True shows a bar with ETA over the prompts; a callable instead receives the number of
+    prompts finished by each batch (fractional: a batch may end inside a prompt's samples), for callers
+    that show one bar over several calls.
     """
     _check(n, temperature, top_p, max_new_tokens, batch_size, backend)
     prompts = list(prompts)
     if not prompts:
         return []
     if backend == "vllm":
-        return _generate_vllm(model, prompts, n, temperature, top_p, max_new_tokens, seed)
+        samples = _generate_vllm(model, prompts, n, temperature, top_p, max_new_tokens, seed)
+        if callable(progress):
+            progress(len(prompts))
+        return samples
     return _generate_transformers(
         model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, batch_size, seed, desc, progress
     )
@@ -192,7 +198,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
-def _progress(desc: str, total: float, enabled: bool):
+def progress_bar(enabled: bool = True):
+    """A rich progress bar with tokens/s and ETA columns, on stderr; `task.fields["speed"]` is shown."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -228,7 +235,7 @@ def _generate_transformers(
     batch_size: int,
     seed: int,
     desc: str,
-    progress: bool,
+    progress: bool | Callable[[float], None],
 ) -> list[list[Sample]]:
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -246,7 +253,8 @@ def _generate_transformers(
     generated = 0
     start = time.perf_counter()
     warned = False
-    with _progress(desc, len(prompts), progress) as bar, torch.inference_mode():
+    hook = progress if callable(progress) else None
+    with progress_bar(progress is True) as bar, torch.inference_mode():
         task = bar.add_task(desc, total=len(prompts), speed="")
         for first in range(0, len(rows), batch_size):
             batch = rows[first : first + batch_size]
@@ -288,8 +296,11 @@ def _generate_transformers(
                 generated += len(kept)
             rate = generated / max(time.perf_counter() - start, 1e-9)
             bar.update(task, advance=len(batch) / n, speed=f"{rate:,.0f} tok/s")
+            if hook is not None:
+                hook(len(batch) / n)
     elapsed = time.perf_counter() - start
-    logger.info(
+    logger.log(
+        logging.INFO if progress is True else logging.DEBUG,
         "%s: %d samples, %d tokens in %.1f s (%.0f tok/s)", desc, len(rows), generated, elapsed,
         generated / max(elapsed, 1e-9),
     )
