@@ -60,7 +60,16 @@ SPEED_EMA = 0.05
 # byte-level merge across the prompt boundary): the same window vLLM's detokenizer uses.
 DECODE_CONTEXT = 5
 
-_UNSET: Any = object()
+
+
+class _Default:
+    """The generator's default system prompt (None would mean: no system prompt)."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+_UNSET: Any = _Default()
 
 
 @dataclass(frozen=True)
@@ -924,7 +933,8 @@ def _check_number(name: str, value: object, low: float, low_open: bool = False, 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise UserError(f"{name} must be a number, not {value!r}")
     if value < low or (low_open and value == low) or (high is not None and value > high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}{']' if high is not None else ')'}"
+        upper = f"{high}]" if high is not None else "inf)"
+        bounds = f"{'(' if low_open else '['}{low}, {upper}"
         raise UserError(f"{name} must be in {bounds}, not {value}")
 
 
