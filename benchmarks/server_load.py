@@ -13,7 +13,9 @@ Time to budget is measured by the caller, from sending the request to receiving 
 chunk on the server; the BudgetEvent on the library). The base model was not trained to state a budget, so
 by default each request pre-fills one (`--budget 64`); `--budget model` lets a trained model state its own.
 
-    .venv/bin/python benchmarks/server_load.py [--requests 32] [--max-tokens 64] [--budget 64] [--out load.json]
+    .venv/bin/python benchmarks/server_load.py [--requests 32] [--max-tokens 64] [--budget 64] [--repeats 3] [--out load.json]
+
+Counts and times are pooled over the repeats (wall_seconds and tokens are totals over all rounds).
 """
 
 import argparse
@@ -41,6 +43,15 @@ class Run:
     tokens: int = 0
     wall_seconds: float = 0.0
     batches: int = 0
+
+    def merge(self, other: "Run") -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.time_to_budget += other.time_to_budget
+        self.latency += other.latency
+        self.tokens += other.tokens
+        self.wall_seconds += other.wall_seconds
+        self.batches += other.batches
 
     def summary(self) -> dict:
         def pct(values: list[float], q: float) -> float | None:
@@ -209,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32, help="concurrent streaming requests")
     parser.add_argument("--max-tokens", type=int, default=64, help="max_completion_tokens of every request")
     parser.add_argument("--budget", default="64", help="pre-filled budget, or `model` to let the model state it")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, library and server alternating")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -224,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         # One small round each first, so neither run pays for first-call costs (allocations, imports).
         asyncio.run(run_library(generator, requests[:2]))
         run_server_in_client_process(base_url, requests[:2])
-        library = measured(generator, lambda: asyncio.run(run_library(generator, requests)))
-        served = measured(generator, lambda: run_server_in_client_process(base_url, requests))
+        # Alternate the two, so that a shared machine's changing load falls on both alike; pool the rounds.
+        library, served = Run("library"), Run("server")
+        for _ in range(args.repeats):
+            library.merge(measured(generator, lambda: asyncio.run(run_library(generator, requests))))
+            served.merge(measured(generator, lambda: run_server_in_client_process(base_url, requests)))
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -238,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_seconds", "tokens_per_second")
     }
     load = [round(x, 2) for x in os.getloadavg()]  # a shared machine skews both runs: say how busy it was
-    print(f"{args.requests} concurrent streaming requests, max {args.max_tokens} tokens, budget {args.budget}, "
+    print(f"{args.repeats} x {args.requests} concurrent streaming requests, max {args.max_tokens} tokens, budget {args.budget}, "
           f"model: {model_name}, device: {args.device}, load average {load} on {os.cpu_count()} CPUs")
     print(table(results, ratio))
     for run in (library, served):
@@ -246,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{run.name} error: {error}", file=sys.stderr)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"model": model_name, "device": args.device, "requests": args.requests,
+        payload = {"model": model_name, "device": args.device, "requests": args.requests, "repeats": args.repeats,
                    "max_tokens": args.max_tokens, "budget": args.budget, "load_average": load,
                    "cpus": os.cpu_count(), "results": results,
                    "server_over_library": ratio, "errors": {"library": library.errors, "server": served.errors}}

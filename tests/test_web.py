@@ -56,9 +56,10 @@ def page(live):
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        # Generous timeouts: on a busy 2-core CI machine Chromium alone can take tens of seconds to start.
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=120_000)
         page = browser.new_page(viewport={"width": 900, "height": 640})
-        page.set_default_timeout(15_000)
+        page.set_default_timeout(60_000)
         page.goto(live.url + "/")
         yield page
         browser.close()

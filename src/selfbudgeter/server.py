@@ -46,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
@@ -452,9 +452,10 @@ async def _with_pings(events: AsyncIterator[Any], seconds: float) -> AsyncIterat
 class _Tracker:
     """Follows one generation's events into the numbers a response reports."""
 
-    def __init__(self, classes: dict[str, type], prompt_tokens: int) -> None:
+    def __init__(self, classes: dict[str, type], count_prompt: Callable[[], int]) -> None:
         self.classes = classes
-        self.prompt_tokens = prompt_tokens
+        self._count_prompt = count_prompt
+        self._prompt_tokens: int | None = None
         self.budget: Any = None
         self.reasoning_tokens = 0
         self.used_tokens = 0
@@ -471,6 +472,13 @@ class _Tracker:
         self.eta = event.eta_seconds
         if event.phase == "solution":
             self.reasoning_tokens = event.used_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        # Counted on first use, after the budget went out: it costs a chat-template render and a tokenization.
+        if self._prompt_tokens is None:
+            self._prompt_tokens = self._count_prompt()
+        return self._prompt_tokens
 
     def usage(self, final: Any | None = None) -> dict[str, Any]:
         used = final.used_tokens if final is not None else self.used_tokens
@@ -636,7 +644,7 @@ def create_app(generator: Any, config: ServerConfig | None = None):
             raise _bad(str(err), "thinking_token_budget" if "budget" in str(err).lower() else None) from None
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         state.live[cid] = _Live(handle)
-        tracker = _Tracker(classes, _prompt_tokens(generator, handle, params))
+        tracker = _Tracker(classes, lambda: _prompt_tokens(generator, handle, params))
         logger.debug("%s: submitted (budget=%s, stream=%s)", cid, params.budget, params.stream)
         if params.stream:
             return SSEResponse(_stream(cid, params, tracker), on_close=lambda: state.finish(cid, None),
