@@ -1,0 +1,203 @@
+"""`selfbudgeter demo`: the whole method on the embedded default, from the base model to a report.
+
+    base model -> profile -> build-sft -> sft -> budget-guided GRPO [-> GRPO baselines]
+               -> eval (base, cold start, SelfBudgeter [, baselines]) -> report
+
+Each step runs the same stage entry point a user would run by hand (`selfbudgeter <stage> --config
+embedded/<stage> ...`), so the demo is a real use of the product's code path, not a separate one. Every
+step leaves a marker in `OUT/.demo/` when it finishes; rerunning the same command skips finished steps and
+the training stages resume from their last checkpoint, so an interrupted demo continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("grpo_accuracy", "grpo_kimi_length")
+
+
+@dataclass
+class Step:
+    name: str
+    title: str
+    run: Callable[[], object]
+    outputs: list[Path] = field(default_factory=list)
+
+
+def _stage(name: str, argv: list[str]) -> None:
+    """Run `selfbudgeter <name> argv...` in-process; a non-zero exit is an error."""
+    import importlib
+
+    from .cli import STAGES
+
+    module = importlib.import_module(STAGES[name][0])
+    logger.info("selfbudgeter %s %s", name, " ".join(argv))
+    code = module.main(argv)
+    if code:
+        raise RuntimeError(f"selfbudgeter {name} exited with {code}")
+
+
+def _copy_base(dest: Path, train: bool) -> None:
+    from .embedded import BASE_MODEL_DIR
+
+    if train:
+        _stage("train-base", ["--out", str(dest)])
+        return
+    if not (BASE_MODEL_DIR / "model.safetensors").exists():
+        raise UserError(f"the shipped base model is missing at {BASE_MODEL_DIR}; run with --train-base")
+    shutil.copytree(BASE_MODEL_DIR, dest, dirs_exist_ok=True)
+
+
+def plan(args: argparse.Namespace) -> list[Step]:
+    out: Path = args.out
+    models, evals = out / "models", out / "eval"
+    base, sft, sb = models / "base", models / "sft", models / "selfbudgeter"
+    seed = ["--seed", str(args.seed)]
+    grpo_steps = ["--max_steps", str(args.grpo_steps)] if args.grpo_steps else []
+
+    def evaluate(name: str, model: Path, budgeted: bool) -> Step:
+        argv = ["--config", "embedded/eval", "--model", str(model), "--out", str(evals / name), *seed]
+        argv += ["--limit", str(args.eval_limit), "--budgeted", str(budgeted).lower()]
+        if not budgeted:
+            argv += ["--control_multipliers", "[]"]
+        if name != "base":
+            argv += ["--baseline", str(evals / "base")]
+        return Step(f"eval-{name}", f"evaluate {name} on the held-out test split", lambda: _stage("eval", argv))
+
+    def grpo(name: str, recipe: str) -> Step:
+        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile")]
+        argv += ["--output_dir", str(models / name), *seed, *grpo_steps]
+        return Step(name, f"GRPO ({recipe})", lambda: _stage("grpo", argv))
+
+    steps = [
+        Step("base", "base model (the shipped embedded model, or trained with --train-base)",
+             lambda: _copy_base(base, args.train_base)),
+        Step("profile", "profile the base model on training questions (Stage 0)", lambda: _stage("profile", [
+            "--config", "embedded/profile", "--model", str(base), "--out", str(out / "profile"),
+            "--limit", str(args.profile_questions), *seed])),
+        Step("build-sft", "budget-labelled cold-start data from its correct answers", lambda: _stage("build-sft", [
+            "--config", "embedded/build_sft", "--profile", str(out / "profile"), "--model", str(base),
+            "--out", str(out / "sft-data"), *seed])),
+        Step("sft", "cold-start fine-tuning (Stage 1, TRL SFTTrainer)", lambda: _stage("sft", [
+            "--config", "embedded/sft", "--model", str(base), "--dataset", str(out / "sft-data" / "train.jsonl"),
+            "--output_dir", str(sft), *seed])),
+        grpo("selfbudgeter", "embedded/grpo"),
+    ]
+    if args.baselines:
+        steps += [grpo(name, f"embedded/{name}") for name in BASELINES]
+    steps += [evaluate("base", base, budgeted=False), evaluate("sft", sft, True), evaluate("selfbudgeter", sb, True)]
+    if args.baselines:
+        steps += [evaluate(name, models / name, True) for name in BASELINES]
+    steps.append(Step("report", "report: metrics, tables and plots", lambda: _report(args)))
+    return steps
+
+
+def _report(args: argparse.Namespace) -> dict:
+    from .report import build_report
+
+    names = ["base", "sft", "selfbudgeter", *(BASELINES if args.baselines else ())]
+    runs = {name: args.out / "eval" / name for name in names}
+    return build_report(runs, args.out / "report", baseline="base")
+
+
+def _markers(out: Path) -> Path:
+    path = out / ".demo"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run (or resume) every step; returns the report's metrics with the wall times added."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    markers = _markers(args.out)
+    steps = plan(args)
+    (args.out / "demo_args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=2))
+    timings: dict[str, float] = {}
+    for i, step in enumerate(steps, 1):
+        marker = markers / f"{step.name}.json"
+        if marker.exists():
+            timings[step.name] = json.loads(marker.read_text())["seconds"]
+            console.print(f"[dim][{i}/{len(steps)}] {step.title}: done earlier ({timings[step.name]:.0f} s)[/]")
+            continue
+        console.rule(f"[bold][{i}/{len(steps)}] {step.title}")
+        start = time.time()
+        step.run()
+        timings[step.name] = time.time() - start
+        marker.write_text(json.dumps({"seconds": timings[step.name]}))
+    total = sum(timings.values())
+    metrics_path = args.out / "report" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics = _add_timings(metrics, timings, total)
+    metrics_path.write_text(json.dumps(metrics, indent=2))
+    (args.out / "report" / "timings.json").write_text(json.dumps({"wall_seconds": total, "steps": timings}, indent=2))
+    return metrics
+
+
+def _add_timings(metrics: dict, timings: dict[str, float], total: float) -> dict:
+    """Per model: the seconds of its own training and evaluation steps; the whole run's at the top."""
+    training = {"sft": ["build-sft", "sft"], "selfbudgeter": ["selfbudgeter"], "base": ["base", "profile"]}
+    for name, entry in metrics.items():
+        own = training.get(name, [name]) + [f"eval-{name}"]
+        entry["stage_seconds"] = sum(timings.get(s, 0.0) for s in own)
+        entry["wall_seconds"] = total
+    return metrics
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="selfbudgeter demo",
+        description="The whole SelfBudgeter pipeline on the embedded default (a small arithmetic reasoning "
+        "model that overthinks), from the base model to a report with tables and plots. Rerun the same "
+        "command to resume an interrupted run.",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+    parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~20 min) "
+                        "instead of copying the shipped one")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")
+    parser.add_argument("--profile-questions", type=int, default=400, help="training questions profiled")
+    parser.add_argument("--eval-limit", type=int, default=400, help="test questions evaluated (400 = all)")
+    parser.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO recipes' max_steps")
+    parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    if args.fresh and args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics = run(args)
+    report = args.out / "report" / "report.md"
+    print(_table(metrics))
+    print(f"\nreport: {report}\nmetrics: {args.out / 'report' / 'metrics.json'}")
+    total = json.loads((args.out / "report" / "timings.json").read_text())["wall_seconds"]
+    print(f"total wall time: {total / 60:.1f} min")
+    return 0
+
+
+def _table(metrics: dict) -> str:
+    cols = ("accuracy", "mean_tokens", "compression", "within_20", "length_budget_slope",
+            "spearman_budget_difficulty", "control_slope", "format_failure_rate")
+    lines = ["model".ljust(18) + "".join(c[:12].rjust(13) for c in cols)]
+    for name, entry in metrics.items():
+        cells = []
+        for c in cols:
+            v = entry.get(c)
+            cells.append(("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)).rjust(13))
+        lines.append(name.ljust(18) + "".join(cells))
+    return "\n".join(lines)
