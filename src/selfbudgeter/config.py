@@ -174,6 +174,14 @@ def parse_config(
     return tuple(outputs[: len(types)])
 
 
+NULLS = ("", "null", "None", "none", "~")
+
+
+def nullable(value: str | None) -> str | None:
+    """None for the spellings of "nothing" a command line can carry (`--system_prompt null`)."""
+    return None if value is None or value.strip() in NULLS else value
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A config dataclass as a JSON-ready dict (for metrics files and logs)."""
     return dataclasses.asdict(cfg)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .config import nullable
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,9 @@ class ProfileConfig:
                 raise UserError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1, not {self.limit}")
-        if self.system_prompt in ("", "null", "None"):
-            self.system_prompt = None  # `--system_prompt null` on the command line
+        # `--system_prompt null` on the command line arrives as the string "null".
+        self.system_prompt = nullable(self.system_prompt)
+        self.data_dir = nullable(self.data_dir)
 
 
 def dataset_names(spec: str) -> list[str]:

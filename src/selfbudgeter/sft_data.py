@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import SYSTEM_PROMPT
+from .config import nullable
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ class SFTDataConfig:
             raise UserError(f"max_per_question must be >= 1, not {self.max_per_question}")
         if self.max_rows is not None and self.max_rows < 1:
             raise UserError(f"max_rows must be >= 1, not {self.max_rows}")
-        if self.system_prompt in ("", "null", "None"):
-            self.system_prompt = None
+        self.system_prompt = nullable(self.system_prompt)
+        self.model = nullable(self.model)
 
 
 def _question_rng(seed: int, qid: str) -> random.Random:
