@@ -77,6 +77,8 @@ class GRPOStageArgs:
     prefill_max: float = field(default=2.0, metadata={"help": "user budgets are at most this x b_max"})
 
     def __post_init__(self) -> None:
+        if self.system_prompt in ("", "null", "None"):  # what a command line can say for "none"
+            self.system_prompt = None
         if not 0.0 <= self.prefill_fraction <= 1.0:
             raise UserError(f"prefill_fraction must be in [0, 1], not {self.prefill_fraction}")
         if not 0.0 < self.prefill_min <= self.prefill_max:
@@ -186,7 +188,7 @@ def build_rows(
     prefills = sample_prefills(b_maxes, stage.prefill_fraction, stage.prefill_min, stage.prefill_max, seed, max_budget)
     rows = []
     for question, bound, prefill in zip(questions, b_maxes, prefills):
-        prompt = prompt_text(tokenizer, question.question, budget=prefill, system_prompt=stage.system_prompt or None)
+        prompt = prompt_text(tokenizer, question.question, budget=prefill, system_prompt=stage.system_prompt)
         rows.append(
             {
                 "prompt": strip_template_bos(tokenizer, prompt),
