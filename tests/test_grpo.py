@@ -117,6 +117,8 @@ def test_profile_only_and_limit(embedded_tokenizer):
     assert [r["id"] for r in rows] == ["q0", "q1", "q2", "q3"]
     with pytest.raises(UserError, match="profile"):
         grpo.build_rows(questions, embedded_tokenizer, _stage(profile_only=True), {"other": 1.0})
+    # No profile at all: profile_only has nothing to select by and every question stays.
+    assert len(grpo.build_rows(questions, embedded_tokenizer, _stage(profile_only=True), None)) == 10
 
 
 def test_load_b_max(tmp_path):

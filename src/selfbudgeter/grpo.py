@@ -177,9 +177,9 @@ def build_rows(
     from .sft import strip_template_bos
 
     questions = list(questions)
-    b_max = b_max or {}
-    if stage.profile_only:
+    if stage.profile_only and b_max is not None:  # without a profile there is nothing to select by
         questions = [q for q in questions if q.id in b_max]
+    b_max = b_max or {}
     if stage.limit is not None:
         questions = questions[: stage.limit]
     if not questions:
@@ -218,7 +218,10 @@ def load_rows(stage: GRPOStageArgs, tokenizer: Any, seed: int = 0, max_budget: i
             )
         logger.info("grpo: the profile covers %d of %d questions", known, len(questions))
     else:
-        logger.warning("grpo: no profile, so no b_max: no budget penalty and no prefilled budgets")
+        logger.warning(
+            "grpo: no profile, so no b_max: no budget penalty, no prefilled budgets%s",
+            ", and profile_only has nothing to select by" if stage.profile_only else "",
+        )
     rows = build_rows(questions, tokenizer, stage, b_max, seed, max_budget)
     constrained = sum(r["b_max"] is not None for r in rows)
     prefilled = sum(r["prefill_budget"] is not None for r in rows)
