@@ -155,3 +155,35 @@ def test_bad_values_are_user_errors(tiny, prompts, kwargs, message):
 def test_vllm_backend_without_vllm_is_a_user_error(tiny, prompts):
     with pytest.raises(UserError, match="vLLM.*not installed"):
         generate(*tiny, prompts, backend="vllm", progress=False)
+
+
+def test_vllm_path_passes_token_ids_seeds_and_reads_finish_reasons(tiny, prompts, monkeypatch):
+    """Against a stand-in for vLLM's documented interface (vllm.SamplingParams, LLM.generate, RequestOutput)."""
+    import sys
+    import types
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.__dict__.update(kwargs)
+
+    class FakeLLM:
+        def generate(self, requests, params, use_tqdm=True):
+            self.requests, self.params = requests, params
+            done = types.SimpleNamespace
+            return [
+                done(outputs=[done(text=f"r{i}-{k}", token_ids=[1] * (k + 2), finish_reason=("length" if k else "stop"))
+                              for k in range(p.n)])
+                for i, p in enumerate(params)
+            ]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=SamplingParams))
+    model, tok = tiny
+    llm = FakeLLM()
+    samples = generate(llm, tok, prompts, n=2, temperature=0.6, top_p=0.9, max_new_tokens=7, seed=4, backend="vllm",
+                       progress=False)
+    assert [r["prompt_token_ids"] for r in llm.requests] == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [p.seed for p in llm.params] == [sample_seed(4, p, 0) for p in prompts]
+    assert {(p.n, p.temperature, p.top_p, p.max_tokens) for p in llm.params} == {(2, 0.6, 0.9, 7)}
+    assert [[(s.text, s.n_tokens, s.finish_reason) for s in per] for per in samples][1] == [
+        ("r1-0", 2, "stop"), ("r1-1", 3, "length")
+    ]

@@ -103,7 +103,7 @@ def generate(
     if not prompts:
         return []
     if backend == "vllm":
-        samples = _generate_vllm(model, prompts, n, temperature, top_p, max_new_tokens, seed)
+        samples = _generate_vllm(model, tokenizer, prompts, n, temperature, top_p, max_new_tokens, seed)
         if callable(progress):
             progress(len(prompts))
         return samples
@@ -322,9 +322,13 @@ def _import_vllm():
 
 
 def _generate_vllm(
-    llm: Any, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    llm: Any, tokenizer: Any, prompts: list[str], n: int, temperature: float, top_p: float, max_new_tokens: int,
+    seed: int,
 ) -> list[list[Sample]]:
     vllm = _import_vllm()
+    # Token ids, not text: vLLM would tokenize text with special tokens and so put a second BOS after the
+    # one the chat template already wrote (DeepSeek-R1-Distill's template starts with it).
+    encoded = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     params = [
         vllm.SamplingParams(
             n=n,
@@ -337,7 +341,7 @@ def _generate_vllm(
         for prompt in prompts
     ]
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=True)
     results = []
     generated = 0
     for output in outputs:
