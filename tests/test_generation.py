@@ -181,7 +181,8 @@ def test_vllm_path_passes_token_ids_seeds_and_reads_finish_reasons(tiny, prompts
     llm = FakeLLM()
     samples = generate(llm, tok, prompts, n=2, temperature=0.6, top_p=0.9, max_new_tokens=7, seed=4, backend="vllm",
                        progress=False)
-    assert [r["prompt_token_ids"] for r in llm.requests] == [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert [r["prompt_token_ids"] for r in llm.requests] == ids
     assert [p.seed for p in llm.params] == [sample_seed(4, p, 0) for p in prompts]
     assert {(p.n, p.temperature, p.top_p, p.max_tokens) for p in llm.params} == {(2, 0.6, 0.9, 7)}
     assert [[(s.text, s.n_tokens, s.finish_reason) for s in per] for per in samples][1] == [

@@ -56,7 +56,8 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "sequences per generation batch"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     system_prompt: str | None = field(
-        default=SYSTEM_PROMPT, metadata={"help": "system prompt (null for none); use the one the model was trained with"}
+        default=SYSTEM_PROMPT,
+        metadata={"help": "system prompt (null for none); use the one the model was trained with"},
     )
     budgeted: bool = field(
         default=True,
