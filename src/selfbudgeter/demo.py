@@ -87,7 +87,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
             "--config", "embedded/profile", "--model", str(base), "--out", str(out / "profile"),
             "--limit", str(args.profile_questions), *seed])),
         Step("build-sft", "budget-labelled cold-start data from its correct answers", lambda: _stage("build-sft", [
-            "--config", "embedded/build_sft", "--profile", str(out / "profile"), "--model", str(base),
+            "--system_prompt", "null", "--profile", str(out / "profile"), "--model", str(base),
             "--out", str(out / "sft-data"), *seed])),
         Step("sft", "cold-start fine-tuning (Stage 1, TRL SFTTrainer)", lambda: _stage("sft", [
             "--config", "embedded/sft", "--model", str(base), "--dataset", str(out / "sft-data" / "train.jsonl"),

@@ -49,7 +49,7 @@ class BaseTrainConfig:
     intermediate_size: int = 576
     max_positions: int = 512
     traces: int = 20_000
-    epochs: float = 1.0
+    rounds: int = 2
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 20
@@ -137,22 +137,53 @@ def trace_dataset(tokenizer, n: int, seed: int):
 
 
 def train_base(cfg: BaseTrainConfig) -> Path:
-    """Train the base model from scratch and save model + tokenizer to `cfg.out`. Deterministic per seed."""
+    """Train the base model from scratch and save model + tokenizer to `cfg.out`. Deterministic per seed.
+
+    Training runs in `cfg.rounds` rounds of one pass over fresh traces each (round r draws its filler with
+    seed + r - 1 and starts from round r-1's weights with half its peak learning rate), because one cosine
+    pass is not enough for the model to find the right operand of a step reliably. A finished round is kept
+    in `.<out>-work/round-r/model` and skipped on a rerun; an unfinished one resumes from its checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, set_seed
+
+    work = cfg.out.parent / f".{cfg.out.name}-work"
+    tokenizer = build_tokenizer(cfg.vocab_size, cfg.seed)
+    model_dir = None
+    start = time.time()
+    for r in range(1, cfg.rounds + 1):
+        done = work / f"round-{r}" / "model"
+        if (done / "model.safetensors").exists():
+            logger.info("round %d of %d: done earlier (%s)", r, cfg.rounds, done)
+            model_dir = done
+            continue
+        set_seed(cfg.seed + r - 1)
+        if model_dir is None:
+            model = build_model(tokenizer, cfg, cfg.seed)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+        logger.info("round %d of %d: %.2fM parameters, vocab %d", r, cfg.rounds, model.num_parameters() / 1e6,
+                    len(tokenizer))
+        _train_round(model, tokenizer, cfg, r, work / f"round-{r}")
+        model.save_pretrained(done)
+        tokenizer.save_pretrained(done)
+        model_dir = done
+    logger.info("base model ready in %.0f s", time.time() - start)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for path in model_dir.iterdir():
+        (cfg.out / path.name).write_bytes(path.read_bytes())
+    return cfg.out
+
+
+def _train_round(model, tokenizer, cfg: BaseTrainConfig, r: int, work: Path) -> None:
     import torch
-    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    set_seed(cfg.seed)
-    tokenizer = build_tokenizer(cfg.vocab_size, cfg.seed)
-    model = build_model(tokenizer, cfg, cfg.seed)
-    logger.info("base model: %.2fM parameters, vocab %d", model.num_parameters() / 1e6, len(tokenizer))
-    dataset = trace_dataset(tokenizer, cfg.traces, cfg.seed)
-    work = cfg.out.parent / f".{cfg.out.name}-checkpoints"
+    seed = cfg.seed + r - 1
     args = SFTConfig(
-        output_dir=str(work),
-        num_train_epochs=cfg.epochs,
+        output_dir=str(work / "checkpoints"),
+        num_train_epochs=1,
         per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.learning_rate * 0.5 ** (r - 1),
         lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_steps,
         weight_decay=0.01,
@@ -163,21 +194,17 @@ def train_base(cfg: BaseTrainConfig) -> Path:
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        seed=seed,
+        data_seed=seed,
         max_length=cfg.max_positions,
         dataloader_num_workers=0,
         completion_only_loss=True,
     )
+    dataset = trace_dataset(tokenizer, cfg.traces, seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    resume = any(work.glob("checkpoint-*")) if work.exists() else False
-    start = time.time()
+    checkpoints = work / "checkpoints"
+    resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
     trainer.train(resume_from_checkpoint=resume or None)
-    logger.info("trained the base model in %.0f s", time.time() - start)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(cfg.out)
-    tokenizer.save_pretrained(cfg.out)
-    return cfg.out
 
 
 def load_base(path: str | Path = BASE_MODEL_DIR):
