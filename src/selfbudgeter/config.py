@@ -9,6 +9,8 @@ Deviations from `TrlParser.parse_args_and_config`:
 1. YAML scalars are converted with the field's own type, so `lr: 1e-5` (a *string* to PyYAML) becomes a
    float and `samples: four` fails at parse time instead of deep inside a stage.
 2. `--config=path` is accepted as well as `--config path`, and `--config` appears in `--help`.
+3. `--field []` empties a list field (argparse's `nargs="+"` cannot); `--field null` clears an optional
+   text field where the stage applies `nullable`.
 """
 
 from __future__ import annotations
@@ -135,6 +137,31 @@ def _apply_recipe(parser: argparse.ArgumentParser, config: dict[str, Any], path:
             action.required = False
 
 
+def _empty_lists(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--field []` (or `--field=[]`) empties a list field: argparse's nargs="+" cannot say "no values"."""
+    lists = {
+        option: action
+        for action in parser._actions
+        if action.nargs in ("+", "*")
+        for option in action.option_strings
+    }
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        if flag in lists and eq and value.strip() == "[]":
+            lists[flag].default = []
+            i += 1
+            continue
+        if argv[i] in lists and i + 1 < len(argv) and argv[i + 1].strip() == "[]":
+            lists[argv[i]].default = []
+            i += 2
+            continue
+        rest.append(argv[i])
+        i += 1
+    return rest
+
+
 def parse_config(
     types: tuple[type, ...], argv: list[str] | None, prog: str, description: str
 ) -> tuple:
@@ -162,6 +189,7 @@ def parse_config(
     if config is not None and not {"-h", "--help"} & set(rest):
         path = resolve_recipe(config)
         _apply_recipe(parser, _load_yaml(path), path)
+    rest = _empty_lists(parser, rest)
     try:
         # look_for_args_file=False: HfArgumentParser would otherwise read `<argv[0]>.args` from disk.
         *outputs, unknown = parser.parse_args_into_dataclasses(
