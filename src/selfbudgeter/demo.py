@@ -76,7 +76,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
         return Step(f"eval-{name}", f"evaluate {name} on the held-out test split", lambda: _stage("eval", argv))
 
     def grpo(name: str, recipe: str) -> Step:
-        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile")]
+        # Train on the profiled questions, so every prompt has its b_max (or is known to be unsolved).
+        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile"), "--profile_only", "true"]
         argv += ["--output_dir", str(models / name), *seed, *grpo_steps]
         return Step(name, f"GRPO ({recipe})", lambda: _stage("grpo", argv))
 
