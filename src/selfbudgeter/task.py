@@ -158,6 +158,18 @@ def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None
     return "\n".join(lines)
 
 
+_ESSENTIAL_LINE = re.compile(r"\d+\) \d+[+-]\d+=-?\d+$|So the answer is ")
+
+
+def split_filler(response: str) -> tuple[str, str]:
+    """(essential, filler) lines of a response: the step lines and the answer line are essential; every
+    re-check, "Wait, ..." and other line is filler, the part SelfBudgeter should learn to drop."""
+    essential, filler = [], []
+    for line in response.splitlines():
+        (essential if _ESSENTIAL_LINE.match(line.strip()) else filler).append(line)
+    return "\n".join(essential), "\n".join(filler)
+
+
 def _rough_tokens(text: str) -> int:
     return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]", text))
 

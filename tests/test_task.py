@@ -1,0 +1,65 @@
+"""The embedded task: deterministic splits, difficulty labels, traces that grade correct, filler split."""
+
+import random
+
+import pytest
+
+from selfbudgeter import task
+from selfbudgeter.grading import is_correct
+
+
+def test_splits_are_deterministic_and_disjoint():
+    task._cached.cache_clear()
+    first = {s: [r.to_dict() for r in task.load_split(s)] for s in task.SPLITS}
+    task._cached.cache_clear()
+    again = {s: [r.to_dict() for r in task.load_split(s)] for s in task.SPLITS}
+    assert first == again
+    questions = {s: {r["question"] for r in rows} for s, rows in first.items()}
+    assert not questions["train"] & (questions["test"] | questions["validation"])
+    assert [len(first[s]) for s in task.SPLITS] == [size for size, _ in task.SPLITS.values()]
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_held_out_difficulty_is_balanced(split):
+    levels = [r.difficulty for r in task.load_split(split)]
+    assert sorted(set(levels)) == list(range(task.MIN_STEPS, task.MAX_STEPS + 1))
+    assert len(set(levels.count(d) for d in set(levels))) == 1
+
+
+@pytest.mark.parametrize("row", task.load_split("test")[::37])
+def test_rows_agree_with_their_problem(row):
+    problem = task.parse_question(row.question)
+    assert problem.steps == row.difficulty
+    assert str(problem.answer) == row.answer
+    assert all(0 <= v <= 9 for v in problem.values())
+    assert is_correct(row.solution, row.answer)
+    # the minimal solution grows with the difficulty: one line per step, plus the answer
+    assert len(row.solution.splitlines()) == row.difficulty + 1
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_traces_are_correct_and_filler_splits_off(seed):
+    row = task.load_split("test")[seed * 19]
+    problem = task.parse_question(row.question)
+    trace = task.render_trace(problem, random.Random(seed))
+    assert is_correct(trace, row.answer)
+    essential, filler = task.split_filler(trace)
+    assert filler  # every base trace overthinks
+    if "not" not in trace:  # no slip: what remains is exactly the minimal solution
+        assert essential == task.minimal_solution(problem)
+
+
+def test_filler_amount_ignores_difficulty():
+    rng = random.Random(0)
+    mean_filler = {}
+    for steps in (1, 8):
+        rows = [r for r in task.load_split("train") if r.difficulty == steps][:200]
+        sizes = [len(task.split_filler(task.render_trace(task.parse_question(r.question), rng))[1]) for r in rows]
+        mean_filler[steps] = sum(sizes) / len(sizes)
+    assert mean_filler[8] == pytest.approx(mean_filler[1], rel=0.25)
+
+
+@pytest.mark.parametrize("bad", ["", "What is 2+3?", "Start with 3 apples. What now?"])
+def test_parse_question_rejects_other_text(bad):
+    with pytest.raises(ValueError, match="not an embedded-task question"):
+        task.parse_question(bad)
