@@ -119,6 +119,9 @@ def test_profile_only_and_limit(embedded_tokenizer):
         grpo.build_rows(questions, embedded_tokenizer, _stage(profile_only=True), {"other": 1.0})
     # No profile at all: profile_only has nothing to select by and every question stays.
     assert len(grpo.build_rows(questions, embedded_tokenizer, _stage(profile_only=True), None)) == 10
+    # solved_only keeps the questions with a known b_max: the unsolved q5 goes too
+    rows = grpo.build_rows(questions, embedded_tokenizer, _stage(profile_only=True, solved_only=True), b_max)
+    assert [r["id"] for r in rows] == ["q2", "q7"]
 
 
 def test_load_b_max(tmp_path):

@@ -76,8 +76,10 @@ def plan(args: argparse.Namespace) -> list[Step]:
         return Step(f"eval-{name}", f"evaluate {name} on the held-out test split", lambda: _stage("eval", argv))
 
     def grpo(name: str, recipe: str) -> Step:
-        # Train on the profiled questions, so every prompt has its b_max (or is known to be unsolved).
-        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile"), "--profile_only", "true"]
+        # Train on the profiled questions the base model solved: each has its b_max, and the wrong-answer
+        # branch of the reward (which pays for running long) does not dominate a weak base model's groups.
+        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile"), "--profile_only", "true",
+                "--solved_only", "true"]
         argv += ["--output_dir", str(models / name), *seed, *grpo_steps]
         return Step(name, f"GRPO ({recipe})", lambda: _stage("grpo", argv))
 

@@ -62,6 +62,11 @@ class GRPOStageArgs:
         default=None, metadata={"help": "a Stage 0 profile folder or its questions.jsonl: b_max by question id"}
     )
     profile_only: bool = field(default=False, metadata={"help": "train only on questions the profile has"})
+    solved_only: bool = field(
+        default=False,
+        metadata={"help": "train only on questions the base model solved at least once (b_max known); the SPEC "
+                  "pays wrong answers for running long, so a weak base model's unsolved questions teach length"},
+    )
     rewards: list[str] = field(
         default_factory=lambda: ["selfbudgeter"],
         metadata={"help": "reward names in order: selfbudgeter, accuracy, kimi_length"},
@@ -179,6 +184,8 @@ def build_rows(
     questions = list(questions)
     if stage.profile_only and b_max is not None:  # without a profile there is nothing to select by
         questions = [q for q in questions if q.id in b_max]
+    if stage.solved_only and b_max is not None:
+        questions = [q for q in questions if b_max.get(q.id) is not None]
     b_max = b_max or {}
     if stage.limit is not None:
         questions = questions[: stage.limit]
