@@ -49,7 +49,7 @@ class BaseTrainConfig:
     intermediate_size: int = 576
     max_positions: int = 512
     traces: int = 20_000
-    rounds: int = 1
+    rounds: int = 2
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 20
