@@ -55,12 +55,14 @@ def inspect(samples: list[dict], tokenizer) -> dict:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfbudgeter inspect-base",
-        description="Profile the embedded base model on the 400 held-out test questions (one sample each, "
-        "T=0.6): accuracy, length, length over the minimal solution, and the share of filler tokens.",
+        description="Profile the embedded base model on the 400 held-out test questions (one response each, "
+        "greedy unless --temperature is given): accuracy, length, length over the minimal solution, and the share of filler tokens.",
     )
     parser.add_argument("--model", default="embedded", help="model to inspect (default: the shipped base)")
     parser.add_argument("--out", type=Path, default=Path("runs/inspect-base"), help="profile folder")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (default 0: greedy, the model's own best answer)")
     return parser
 
 
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = make_parser().parse_args(argv)
     code = profile_main(["--config", "embedded/profile", "--model", args.model, "--split", "test", "--limit", "400",
-                         "--samples", "1", "--out", str(args.out), "--seed", str(args.seed)])
+                         "--samples", "1", "--out", str(args.out), "--seed", str(args.seed),
+                         "--temperature", str(args.temperature)])
     if code:
         return code
     result = inspect(read_jsonl(args.out / "samples.jsonl"), load_tokenizer(args.model))
