@@ -90,6 +90,9 @@ def describe_gguf(path: Path) -> dict:
         from gguf import GGUFReader
     except ImportError:
         raise UserError("reading GGUF files needs the `gguf` package: pip install 'selfbudgeter[real]'") from None
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":  # gguf's own error for a foreign file is about numpy dtypes
+            raise UserError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
     try:
         reader = GGUFReader(str(path))
     except (ValueError, OSError) as err:
