@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -32,7 +32,6 @@ class Step:
     name: str
     title: str
     run: Callable[[], object]
-    outputs: list[Path] = field(default_factory=list)
 
 
 def _stage(name: str, argv: list[str]) -> None:

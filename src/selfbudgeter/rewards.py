@@ -309,14 +309,15 @@ class SelfBudgeterScorer:
         return _Parts(fmt, pb, s)
 
 
-def _warn_grading_failures(scored: Sequence[ScoredResponse]) -> None:
-    failed = [s for s in scored if s.grading_error is not None]
+def _warn_grading_failures(errors: Sequence[str | None]) -> None:
+    """One warning per batch for the completions whose grading failed (they count as wrong)."""
+    failed = [e for e in errors if e is not None]
     if failed:
         logger.warning(
             "%d of %d completions could not be graded and count as wrong (first error: %s)",
             len(failed),
-            len(scored),
-            failed[0].grading_error,
+            len(errors),
+            failed[0],
         )
 
 
@@ -334,7 +335,7 @@ class _SelfBudgeterPart:
         parts = self.scorer.parts(completions, **kwargs)
         if self.reports:
             scored = self.scorer.batch(completions, **kwargs)
-            _warn_grading_failures(scored)
+            _warn_grading_failures([item.grading_error for item in scored])
             log_metric = kwargs.get("log_metric")
             if log_metric is not None and scored:
                 _log_budget_metrics(log_metric, scored, self.scorer.alpha(kwargs.get("trainer_state")))
@@ -384,14 +385,7 @@ class _Grader:
     def correct(self, completions: Sequence[Any], kwargs: dict[str, Any]) -> list[bool]:
         golds = _gold_column(kwargs, len(completions))
         grades = [self.grade(completion_text(c), g) for c, g in zip(completions, golds)]
-        failed = [g for g in grades if g.error is not None]
-        if failed:
-            logger.warning(
-                "%d of %d completions could not be graded and count as wrong (first error: %s)",
-                len(failed),
-                len(grades),
-                failed[0].error,
-            )
+        _warn_grading_failures([g.error for g in grades])
         return [bool(g.correct) and g.error is None for g in grades]
 
 
