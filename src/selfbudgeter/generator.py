@@ -30,6 +30,10 @@ OpenAI's `max_completion_tokens`. With `enforce_budget`, answer-now fires when `
 Beyond the spec: `GenerationHandle` also supports `async for` directly, `done`, `budget` and
 `result(timeout)`; every iterator over a handle sees every event (events are kept per handle); an error in
 generation is raised from iteration and `result()`. `BudgetGenerator` is a context manager.
+
+Backends: everything above that is not decoding (validation, prompts, parsing into events, enforcement,
+answer-now's suffix and forced tokens, accounting) lives in `BudgetGeneratorBase`; `BudgetGenerator` decodes
+with transformers and `vllm_generator.VLLMBudgetGenerator` with vLLM's async engine.
 """
 
 from __future__ import annotations
@@ -124,7 +128,7 @@ FINISH_REASONS = ("finished", "stopped", "answered_early", "length", "format_err
 class GenerationHandle:
     """One submitted request: iterate its events, stop it, or ask it to answer now. Thread-safe."""
 
-    def __init__(self, request: GenerationRequest, generator: BudgetGenerator):
+    def __init__(self, request: GenerationRequest, generator: BudgetGeneratorBase):
         self.id = f"gen-{uuid.uuid4().hex[:12]}"
         self.request = request
         self._generator = generator
@@ -138,11 +142,12 @@ class GenerationHandle:
     def stop(self) -> None:
         """End generation within one decode step; the FinalEvent says "stopped"."""
         self._stop.set()
-        self._generator._stop_queued(self)
+        self._generator._on_control(self)
 
     def answer_now(self) -> None:
         """Close the reasoning and force the final answer (at most `answer_cap` tokens)."""
         self._answer_now.set()
+        self._generator._on_control(self)
 
     @property
     def done(self) -> bool:
@@ -368,33 +373,28 @@ class _Stats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
-class BudgetGenerator:
-    """Budget-first generation with per-request stop and answer-now over batched `model.generate`."""
+
+class BudgetGeneratorBase:
+    """What every backend shares: validating requests and building their prompts, parsing the response into
+    events, enforcement, the answer-now suffix and forced-answer tokens, finishing, speed and stats.
+
+    A backend decodes: `_start(row)` runs a submitted row and calls `_on_token` for each generated token;
+    `_start_answer(row)` is called once a row has stopped decoding to answer now, and runs the greedy
+    follow-up through `_begin_answer`, `_answer_token` and `_end_answer`; `_shutdown()` ends its workers.
+    It may also override `_on_control` (stop or answer-now was asked, from any thread), `_queue_size`,
+    `_model_context` and `_generation_defaults`.
+    """
 
     def __init__(
         self,
-        model,
         tokenizer,
         *,
-        system_prompt: str | None = SYSTEM_PROMPT,
-        max_batch_size: int = 16,
-        max_context: int | None = None,
-        batch_window: float = 0.02,
-        max_concurrent_batches: int = 2,
-        answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
-        warmup: bool = True,
+        system_prompt: str | None,
+        max_context: int | None,
+        answer_suffix: str,
     ):
-        if max_batch_size < 1:
-            raise UserError(f"max_batch_size must be >= 1, not {max_batch_size}")
-        if max_concurrent_batches < 1:
-            raise UserError(f"max_concurrent_batches must be >= 1, not {max_concurrent_batches}")
-        if batch_window < 0:
-            raise UserError(f"batch_window must be >= 0, not {batch_window}")
-        self.model = model
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
-        self.max_batch_size = max_batch_size
-        self.batch_window = batch_window
         self.answer_suffix = answer_suffix
         self.max_context = max_context or self._model_context()
         self._suffix_ids = tokenizer.encode(answer_suffix, add_special_tokens=False) if answer_suffix else []
@@ -405,26 +405,7 @@ class BudgetGenerator:
         self._active: set[GenerationHandle] = set()
         self._queued: dict[str, _Row] = {}  # submitted, not yet taken by a worker
         self._active_lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
-        self._answers: queue.Queue = queue.Queue()
-        self._collect_lock = threading.Lock()
         self._closed = False
-        if warmup:
-            self._warmup()
-        self._workers = [
-            threading.Thread(target=self._batch_loop, name=f"budget-generator-{i}", daemon=True)
-            for i in range(max_concurrent_batches)
-        ]
-        self._workers.append(threading.Thread(target=self._answer_loop, name="budget-generator-answers", daemon=True))
-        for worker in self._workers:
-            worker.start()
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, *, device: str = "auto", dtype: str = "auto", **kw) -> BudgetGenerator:
-        from .models import load_model
-
-        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype)
-        return cls(model, tokenizer, **kw)
 
     # --- public API ------------------------------------------------------------------------------------
 
@@ -444,7 +425,7 @@ class BudgetGenerator:
             self._feed(row, fmt.render_prefill(row.budget_hint), source="user")
             row.in_solution = True
         self._queued[handle.id] = row
-        self._queue.put(row)
+        self._start(row)
         return handle
 
     def generate(self, request: GenerationRequest) -> FinalEvent:
@@ -468,7 +449,7 @@ class BudgetGenerator:
             return {
                 "requests": s.requests,
                 "active": active,
-                "queued": self._queue.qsize(),
+                "queued": self._queue_size(),
                 "finished": s.finished,
                 "stopped": s.stopped,
                 "aborted": s.aborted,
@@ -481,7 +462,7 @@ class BudgetGenerator:
             }
 
     def close(self) -> None:
-        """Stop every request still running or queued and end the worker threads."""
+        """Stop every request still running or queued and end the backend's workers."""
         if self._closed:
             return
         self._closed = True
@@ -489,30 +470,46 @@ class BudgetGenerator:
             active = list(self._active)
         for handle in active:
             handle.stop()
-        for _ in self._workers:
-            self._queue.put(None)
-        self._answers.put(None)
-        for worker in self._workers:
-            worker.join(timeout=30)
+        self._shutdown()
 
-    def __enter__(self) -> BudgetGenerator:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
+    # --- what a backend provides ------------------------------------------------------------------------
+
+    def _start(self, row: _Row) -> None:
+        raise NotImplementedError
+
+    def _start_answer(self, row: _Row) -> None:
+        raise NotImplementedError
+
+    def _shutdown(self) -> None:
+        raise NotImplementedError
+
+    def _queue_size(self) -> int:
+        return len(self._queued)
+
+    def _generation_defaults(self):
+        """The model's `GenerationConfig` (eos ids, a default `max_new_tokens`), or None."""
+        return None
+
+    def _on_control(self, handle: GenerationHandle) -> None:
+        """stop() or answer_now() was called on `handle`, from any thread."""
+        if handle._stop.is_set():
+            self._stop_queued(handle)
+
     # --- preparing requests ----------------------------------------------------------------------------
 
     def _model_context(self) -> int:
-        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if not context:
-            length = getattr(self.tokenizer, "model_max_length", None)
-            context = length if length and length < 10**7 else 4096
-        return int(context)
+        length = getattr(self.tokenizer, "model_max_length", None)
+        return int(length) if length and length < 10**7 else 4096
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
-        for source in (getattr(self.model, "generation_config", None), self.tokenizer):
+        for source in (self._generation_defaults(), self.tokenizer):
             value = getattr(source, "eos_token_id", None)
             ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
         return ids
@@ -550,7 +547,7 @@ class BudgetGenerator:
         room = self.max_context - len(prompt_ids)
         if room < 1:
             raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {self.max_context}")
-        default_cap = getattr(getattr(self.model, "generation_config", None), "max_new_tokens", None)
+        default_cap = getattr(self._generation_defaults(), "max_new_tokens", None)
         max_new = min(request.max_new_tokens or default_cap or room, room)
         row = _Row(GenerationHandle(request, self), prompt_ids, max_new, max(1, room), started)
         row.budget_hint = budget
@@ -572,37 +569,6 @@ class BudgetGenerator:
 
     def _eta(self, remaining: int) -> float:
         return max(0, remaining) / self.tokens_per_second
-
-    def _warmup(self) -> None:
-        """Time a few decode steps so the first request's ETA is measured, not guessed."""
-        import torch
-
-        ids = self._encode(prompt_text(self.tokenizer, "1+1", system_prompt=self.system_prompt))
-        streamer = _TimingStreamer(self)
-        with torch.inference_mode():
-            self.model.generate(
-                torch.tensor([ids], device=self.model.device),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device),
-                generation_config=self._generation_config(6, min_new_tokens=6),
-                streamer=streamer,
-            )
-
-    def _generation_config(self, max_new_tokens: int, min_new_tokens: int | None = None):
-        import copy
-
-        config = copy.deepcopy(self.model.generation_config)
-        # Sampling happens in RowSampler; generate picks its single finite token greedily.
-        config.do_sample = False
-        config.temperature = None
-        config.top_p = None
-        config.top_k = None
-        config.num_beams = 1
-        config.max_length = None
-        config.max_new_tokens = max_new_tokens
-        config.min_new_tokens = min_new_tokens
-        if config.pad_token_id is None:
-            config.pad_token_id = self.tokenizer.pad_token_id
-        return config
 
     # --- events -----------------------------------------------------------------------------------------
 
@@ -642,7 +608,7 @@ class BudgetGenerator:
         row.handle._push(TextEvent(text=text, used_tokens=row.used, eta_seconds=eta, phase=phase))
 
     def _on_token(self, row: _Row, token: int) -> None:
-        """One generated token of a row in the main generation (called on the batch's thread)."""
+        """One generated token of a row in the main generation (called on the thread that decodes it)."""
         if row.handle._stop.is_set():
             self._finish(row, "stopped")
             return
@@ -666,7 +632,7 @@ class BudgetGenerator:
         # tokens at most: the budget tag comes first).
         if row.handle._answer_now.is_set() and row.in_solution:
             row.closed = row.answering = True
-            self._answers.put(row)
+            self._start_answer(row)
 
     @staticmethod
     def _enforce_limit(row: _Row) -> int | None:
@@ -728,6 +694,162 @@ class BudgetGenerator:
             self._active.discard(row.handle)
         row.handle._push(final)
 
+    def _abort(self, rows: list[_Row], err: BaseException) -> None:
+        for row in rows:
+            with row.lock:
+                if row.final is not None:
+                    continue
+                row.closed = True
+                row.final = err  # type: ignore[assignment]  # nothing may end it again
+                self._queued.pop(row.handle.id, None)
+                with self._stats.lock:
+                    self._stats.aborted += 1
+                with self._active_lock:
+                    self._active.discard(row.handle)
+                row.handle._fail(err)
+
+    # --- answer now ---------------------------------------------------------------------------------------
+
+    def _begin_answer(self, row: _Row) -> tuple[list[int], int, dict] | None:
+        """Write the answer suffix into the row. Returns the follow-up's context ids, its token cap (may be
+        < 1: nothing left to generate) and the state `_answer_token` keeps; None when the row has ended."""
+        if row.handle._stop.is_set():
+            self._finish(row, "stopped")
+            return None
+        if self.answer_suffix:
+            row.detok.add(self._suffix_ids)  # the suffix becomes decode context, not emitted text
+            if self._feed(row, self.answer_suffix, phase="answer"):
+                self._finish(row, "answered_early")
+                return None
+        context = row.prompt_ids + row.generated + self._suffix_ids
+        cap = min(row.request.answer_cap, row.max_new - len(row.generated), self.max_context - len(context))
+        depth = self.answer_suffix.count("{") - self.answer_suffix.count("}")
+        return context, cap, {"depth": depth, "done": False}
+
+    def _answer_token(self, row: _Row, token: int, state: dict) -> bool:
+        """One token of the forced answer; True once the answer is complete (or the row was stopped)."""
+        if state["done"] or row.handle._stop.is_set() or token in self._eos_ids:
+            state["done"] = True
+            return True
+        row.generated.append(token)
+        row.used += 1
+        text = row.detok.add([token])
+        text, closed = _cut_at_close(text, state)
+        if self._feed(row, text, phase="answer") or closed:
+            state["done"] = True
+        return state["done"]
+
+    def _end_answer(self, row: _Row) -> None:
+        self._finish(row, "stopped" if row.handle._stop.is_set() else "answered_early")
+
+
+class BudgetGenerator(BudgetGeneratorBase):
+    """Budget-first generation with per-request stop and answer-now over batched `model.generate`."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system_prompt: str | None = SYSTEM_PROMPT,
+        max_batch_size: int = 16,
+        max_context: int | None = None,
+        batch_window: float = 0.02,
+        max_concurrent_batches: int = 2,
+        answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
+        warmup: bool = True,
+    ):
+        if max_batch_size < 1:
+            raise UserError(f"max_batch_size must be >= 1, not {max_batch_size}")
+        if max_concurrent_batches < 1:
+            raise UserError(f"max_concurrent_batches must be >= 1, not {max_concurrent_batches}")
+        if batch_window < 0:
+            raise UserError(f"batch_window must be >= 0, not {batch_window}")
+        self.model = model
+        super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix)
+        self.max_batch_size = max_batch_size
+        self.batch_window = batch_window
+        self._queue: queue.Queue = queue.Queue()
+        self._answers: queue.Queue = queue.Queue()
+        self._collect_lock = threading.Lock()
+        if warmup:
+            self._warmup()
+        self._workers = [
+            threading.Thread(target=self._batch_loop, name=f"budget-generator-{i}", daemon=True)
+            for i in range(max_concurrent_batches)
+        ]
+        self._workers.append(threading.Thread(target=self._answer_loop, name="budget-generator-answers", daemon=True))
+        for worker in self._workers:
+            worker.start()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, device: str = "auto", dtype: str = "auto", **kw) -> BudgetGenerator:
+        from .models import load_model
+
+        model, tokenizer = load_model(name_or_path, device=device, dtype=dtype)
+        return cls(model, tokenizer, **kw)
+
+    def __enter__(self) -> BudgetGenerator:
+        return self
+
+    # --- backend ------------------------------------------------------------------------------------------
+
+    def _model_context(self) -> int:
+        context = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(context) if context else super()._model_context()
+
+    def _generation_defaults(self):
+        return getattr(self.model, "generation_config", None)
+
+    def _start(self, row: _Row) -> None:
+        self._queue.put(row)
+
+    def _start_answer(self, row: _Row) -> None:
+        self._answers.put(row)
+
+    def _queue_size(self) -> int:
+        return self._queue.qsize()
+
+    def _shutdown(self) -> None:
+        for _ in self._workers:
+            self._queue.put(None)
+        self._answers.put(None)
+        for worker in self._workers:
+            worker.join(timeout=30)
+
+    # --- speed ------------------------------------------------------------------------------------------
+
+    def _warmup(self) -> None:
+        """Time a few decode steps so the first request's ETA is measured, not guessed."""
+        import torch
+
+        ids = self._encode(prompt_text(self.tokenizer, "1+1", system_prompt=self.system_prompt))
+        streamer = _TimingStreamer(self)
+        with torch.inference_mode():
+            self.model.generate(
+                torch.tensor([ids], device=self.model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.model.device),
+                generation_config=self._generation_config(6, min_new_tokens=6),
+                streamer=streamer,
+            )
+
+    def _generation_config(self, max_new_tokens: int, min_new_tokens: int | None = None):
+        import copy
+
+        config = copy.deepcopy(self.model.generation_config)
+        # Sampling happens in RowSampler; generate picks its single finite token greedily.
+        config.do_sample = False
+        config.temperature = None
+        config.top_p = None
+        config.top_k = None
+        config.num_beams = 1
+        config.max_length = None
+        config.max_new_tokens = max_new_tokens
+        config.min_new_tokens = min_new_tokens
+        if config.pad_token_id is None:
+            config.pad_token_id = self.tokenizer.pad_token_id
+        return config
+
     # --- worker threads ---------------------------------------------------------------------------------
 
     def _next_batch(self) -> list[_Row] | None:
@@ -761,20 +883,6 @@ class BudgetGenerator:
                 # Rows already handed to the answer thread are that thread's to end.
                 self._abort([row for row in batch if not row.answering], err)
 
-    def _abort(self, rows: list[_Row], err: BaseException) -> None:
-        for row in rows:
-            with row.lock:
-                if row.final is not None:
-                    continue
-                row.closed = True
-                row.final = err  # type: ignore[assignment]  # nothing may end it again
-                self._queued.pop(row.handle.id, None)
-                with self._stats.lock:
-                    self._stats.aborted += 1
-                with self._active_lock:
-                    self._active.discard(row.handle)
-                row.handle._fail(err)
-
     def _run_batch(self, batch: list[_Row]) -> None:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
@@ -790,7 +898,7 @@ class BudgetGenerator:
                 self._finish(row, "stopped")
             elif row.handle._answer_now.is_set():
                 row.closed = row.answering = True
-                self._answers.put(row)
+                self._start_answer(row)
             else:
                 rows.append(row)
         if not rows:
@@ -834,19 +942,11 @@ class BudgetGenerator:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        if row.handle._stop.is_set():
-            self._finish(row, "stopped")
+        start = self._begin_answer(row)
+        if start is None:
             return
-        if self.answer_suffix:
-            row.detok.add(self._suffix_ids)  # the suffix becomes decode context, not emitted text
-            if self._feed(row, self.answer_suffix, phase="answer"):
-                self._finish(row, "answered_early")
-                return
-        context = row.prompt_ids + row.generated + self._suffix_ids
-        cap = min(row.request.answer_cap, row.max_new - len(row.generated), self.max_context - len(context))
+        context, cap, state = start
         if cap >= 1:
-            depth = self.answer_suffix.count("{") - self.answer_suffix.count("}")
-            state = {"depth": depth, "done": False}
             gen = self
 
             class AnswerStreamer:
@@ -856,19 +956,7 @@ class BudgetGenerator:
                     if not self.prompt_seen:
                         self.prompt_seen = True
                         return
-                    token = int(value.reshape(-1)[0])
-                    if state["done"] or row.handle._stop.is_set():
-                        state["done"] = True
-                        return
-                    if token in gen._eos_ids:
-                        state["done"] = True
-                        return
-                    row.generated.append(token)
-                    row.used += 1
-                    text = row.detok.add([token])
-                    text, closed = _cut_at_close(text, state)
-                    if gen._feed(row, text, phase="answer") or closed:
-                        state["done"] = True
+                    gen._answer_token(row, int(value.reshape(-1)[0]), state)
 
                 def end(self):
                     pass
@@ -887,7 +975,7 @@ class BudgetGenerator:
                     stopping_criteria=StoppingCriteriaList([AnswerDone()]),
                     streamer=AnswerStreamer(),
                 )
-        self._finish(row, "stopped" if row.handle._stop.is_set() else "answered_early")
+        self._end_answer(row)
 
 
 class _TimingStreamer:
@@ -949,6 +1037,7 @@ def _budget_message(budget: object, err: fmt.FormatError, room: int) -> str:
 __all__ = [
     "BudgetEvent",
     "BudgetGenerator",
+    "BudgetGeneratorBase",
     "Event",
     "FinalEvent",
     "GenerationHandle",

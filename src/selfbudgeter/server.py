@@ -31,6 +31,10 @@ Where this deviates from an OpenAI server:
 4. `finish_reason` is "stop", "length" or "abort" (cancelled); the generator's own reason
    ("finished", "answered_early", "format_error", ...) is the choice's `finish_detail`.
 5. At `max_concurrent` running generations a request gets 429 with `Retry-After` (the client retries it).
+
+Backends (`--backend`): `transformers` (default, any device; `generator.BudgetGenerator`) or `vllm` (CUDA
+GPUs, `pip install 'selfbudgeter[vllm]'`; `vllm_generator.VLLMBudgetGenerator`). Both have the same
+interface and events, so `create_app` does not know which one it serves.
 """
 
 
@@ -54,6 +58,8 @@ from .format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "SELFBUDGETER_API_KEY"
+BACKENDS = ("transformers", "vllm")
+DEFAULT_BATCH_SIZE = 16  # transformers backend: generations decoded in one `generate` call
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 
 # reasoning_effort -> budget in tokens (None: the model states its own). Fixed numbers rather than fractions of
@@ -510,7 +516,8 @@ def _prompt_tokens(generator: Any, handle: Any, params: ChatParams) -> int:
 
 
 def create_app(generator: Any, config: ServerConfig | None = None):
-    """The FastAPI app serving `generator` (a BudgetGenerator, already loaded) under `config`."""
+    """The FastAPI app serving `generator` (a BudgetGenerator or VLLMBudgetGenerator, already loaded) under
+    `config`."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -805,6 +812,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {value}")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(
         prog="selfbudgeter serve",
@@ -832,7 +849,20 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-slack", type=float, default=0.2, help="default slack for budget enforcement")
     parser.add_argument("--effort-budgets", type=_effort_budgets, default=dict(EFFORT_BUDGETS), metavar="NAME=N,...",
                         help="reasoning_effort presets to change, e.g. low=128,high=2048 (`medium=model`: the model decides)")
-    parser.add_argument("--max-batch-size", type=_positive, default=16, help="generations decoded together")
+    parser.add_argument("--backend", default="transformers", choices=BACKENDS,
+                        help="generation backend: transformers (any device) or vllm (CUDA GPUs, "
+                        "pip install 'selfbudgeter[vllm]')")
+    parser.add_argument("--max-batch-size", type=_positive, default=None,
+                        help=f"generations decoded together (unset: {DEFAULT_BATCH_SIZE} with transformers, "
+                        "vLLM's own max_num_seqs with vllm)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weight dtype")
+    parser.add_argument("--tensor-parallel-size", type=_positive, default=1,
+                        help="vllm: GPUs one model is split over")
+    parser.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
+                        help="vllm: share of each GPU's memory the engine takes (weights + KV cache)")
+    parser.add_argument("--max-model-len", type=_positive, default=None,
+                        help="vllm: context length to reserve KV cache for (unset: the model's)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -844,6 +874,25 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def load_generator(args: argparse.Namespace):
+    """The generator `args.backend` names, with the model loaded: the one place `serve` picks a backend."""
+    if args.backend == "vllm":
+        from .vllm_generator import VLLMBudgetGenerator
+
+        return VLLMBudgetGenerator.from_pretrained(
+            args.model,
+            dtype=args.dtype,
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_model_len=args.max_model_len,
+            max_batch_size=args.max_batch_size,
+        )
+    from .generator import BudgetGenerator
+
+    return BudgetGenerator.from_pretrained(args.model, dtype=args.dtype,
+                                           max_batch_size=args.max_batch_size or DEFAULT_BATCH_SIZE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -868,9 +917,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from .generator import BudgetGenerator
-
-    generator = BudgetGenerator.from_pretrained(args.model, max_batch_size=args.max_batch_size)
+    generator = load_generator(args)
     try:
         app = create_app(generator, config)
         logger.info("serving %s as %r on http://%s:%d/", args.model, config.served_model_name, args.host, args.port)
