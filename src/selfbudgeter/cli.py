@@ -5,8 +5,10 @@ Stage modules are imported only when their subcommand runs, so `selfbudgeter --h
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
 import sys
 
 from .errors import UserError
@@ -43,6 +45,14 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _rank() -> int:
+    """This process's rank under `accelerate launch` / torchrun (0 when not distributed)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -60,9 +70,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"selfbudgeter {name}: this stage is not built yet", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # Under a multi-process launch only rank 0 reports; the other ranks keep warnings and errors (stderr).
+    quiet = _rank() != 0
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
-        return int(module.main(rest) or 0)
+        with contextlib.ExitStack() as stack:
+            if quiet:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            return int(module.main(rest) or 0)
     except KeyboardInterrupt:
         print(f"selfbudgeter {name}: interrupted", file=sys.stderr)
         return 130
