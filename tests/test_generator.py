@@ -118,22 +118,35 @@ def save_scripted(path, tokenizer, **script):
 
 @pytest.fixture(scope="module")
 def scripted(embedded_tokenizer):
-    # A long batching window so requests submitted one after another share a batch.
-    with BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, batch_window=0.3) as gen:
+    # A long batching window, also when idle, so requests submitted one after another share a batch.
+    with BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, batch_window=0.3, eager=False) as gen:
         yield gen
 
 
 @pytest.fixture(scope="module")
 def slow_scripted(embedded_tokenizer):
     model = scripted_model(embedded_tokenizer, delay=0.02, content="Still thinking. " * 10 + "\\boxed{5}")
-    with BudgetGenerator(model, embedded_tokenizer, batch_window=0.3, max_concurrent_batches=1) as gen:
+    with BudgetGenerator(model, embedded_tokenizer, batch_window=0.3, eager=False, max_concurrent_batches=1) as gen:
         yield gen
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    with BudgetGenerator.from_pretrained(tiny_model_dir, device="cpu", batch_window=0.3) as gen:
+    with BudgetGenerator.from_pretrained(tiny_model_dir, device="cpu", batch_window=0.3, eager=False) as gen:
         yield gen
+
+
+def test_an_idle_generator_starts_at_once_and_requests_queued_meanwhile_share_a_batch(embedded_tokenizer):
+    model = scripted_model(embedded_tokenizer, delay=0.02, content="Still thinking. " * 10 + "\\boxed{5}")
+    with BudgetGenerator(model, embedded_tokenizer, batch_window=2.0, max_concurrent_batches=1) as gen:
+        first = gen.submit(GenerationRequest("What is 2+3?", temperature=0))
+        budget = next(e for e in first if isinstance(e, BudgetEvent))
+        assert budget.elapsed < 1.0  # not held back by the 2 s window
+        batches = gen.stats()["batches"]
+        later = [gen.submit(GenerationRequest("What is 2+3?", temperature=0)) for _ in range(3)]
+        for handle in [first, *later]:
+            assert handle.result(timeout=60).finish_reason == "finished"
+        assert gen.stats()["batches"] == batches + 1  # the three that queued behind it shared one batch
 
 
 def _kinds(events):

@@ -1,8 +1,9 @@
 """Budget-first generation: the library the chat CLI and the server both drive.
 
-A request is a question (and optionally a user budget). The generator batches requests that arrive close
-together into one `model.generate` call run in a worker thread, and turns each row's tokens into events:
-one `BudgetEvent` as soon as the budget is known (decoded, or pre-filled by the user), `TextEvent`s of
+A request is a question (and optionally a user budget). A request that finds the generator idle starts at
+once (`eager`, the default); while a batch decodes, requests that arrive within `batch_window` of each other
+are batched into the next `model.generate` call. Calls run in worker threads, and each row's tokens become events: one
+`BudgetEvent` as soon as the budget is known (decoded, or pre-filled by the user), `TextEvent`s of
 solution text (never tag characters), and one `FinalEvent`. Every request can be stopped or asked to
 answer now, from any thread, while its batch-mates keep going.
 
@@ -755,6 +756,7 @@ class BudgetGenerator(BudgetGeneratorBase):
         max_batch_size: int = 16,
         max_context: int | None = None,
         batch_window: float = 0.02,
+        eager: bool = True,
         max_concurrent_batches: int = 2,
         answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
         warmup: bool = True,
@@ -769,9 +771,12 @@ class BudgetGenerator(BudgetGeneratorBase):
         super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix)
         self.max_batch_size = max_batch_size
         self.batch_window = batch_window
+        self.eager = eager
         self._queue: queue.Queue = queue.Queue()
         self._answers: queue.Queue = queue.Queue()
         self._collect_lock = threading.Lock()
+        self._decoding = 0  # batches inside model.generate now
+        self._decoding_lock = threading.Lock()
         if warmup:
             self._warmup()
         self._workers = [
@@ -858,7 +863,11 @@ class BudgetGenerator(BudgetGeneratorBase):
             if first is None:
                 return None
             batch = [first]
-            deadline = time.perf_counter() + self.batch_window
+            with self._decoding_lock:
+                wait = self._decoding > 0 or not self.eager
+            # An eager idle generator starts at once: the window would only delay the budget. While a batch
+            # decodes, requests arriving close together wait up to the window to share the next one.
+            deadline = time.perf_counter() + (self.batch_window if wait else 0.0)
             while len(batch) < self.max_batch_size:
                 left = deadline - time.perf_counter()
                 try:
@@ -876,12 +885,17 @@ class BudgetGenerator(BudgetGeneratorBase):
             batch = self._next_batch()
             if batch is None:
                 return
+            with self._decoding_lock:
+                self._decoding += 1
             try:
                 self._run_batch(batch)
             except Exception as err:  # a model error must not kill the worker or hang the callers
                 logger.exception("generation failed for a batch of %d", len(batch))
                 # Rows already handed to the answer thread are that thread's to end.
                 self._abort([row for row in batch if not row.answering], err)
+            finally:
+                with self._decoding_lock:
+                    self._decoding -= 1
 
     def _run_batch(self, batch: list[_Row]) -> None:
         import torch
