@@ -113,7 +113,8 @@ def write_profile(folder, samples, questions):
 
 def test_build_writes_train_and_stats(tmp_path, embedded_tokenizer):
     write_profile(tmp_path / "profile", SAMPLES, QUESTIONS)
-    cfg = SFTDataConfig(profile=str(tmp_path / "profile"), out=str(tmp_path / "sft"), system_prompt=None)
+    cfg = SFTDataConfig(profile=str(tmp_path / "profile"), out=str(tmp_path / "sft"), system_prompt=None,
+                        max_per_question=2)
     stats = build(cfg, tokenizer=embedded_tokenizer)
     rows = [json.loads(x) for x in (tmp_path / "sft" / "train.jsonl").read_text().splitlines()]
     on_disk = json.loads((tmp_path / "sft" / "stats.json").read_text())
