@@ -775,7 +775,7 @@ class BudgetGenerator(BudgetGeneratorBase):
         self._queue: queue.Queue = queue.Queue()
         self._answers: queue.Queue = queue.Queue()
         self._collect_lock = threading.Lock()
-        self._decoding = 0  # batches inside model.generate now
+        self._decoding: list[list[_Row]] = []  # the batches inside model.generate now
         self._decoding_lock = threading.Lock()
         if warmup:
             self._warmup()
@@ -864,7 +864,9 @@ class BudgetGenerator(BudgetGeneratorBase):
                 return None
             batch = [first]
             with self._decoding_lock:
-                wait = self._decoding > 0 or not self.eager
+                # A batch whose rows have all ended is returning from generate: it is not busy any more.
+                busy = any(not row.closed for running in self._decoding for row in running)
+            wait = busy or not self.eager
             # An eager idle generator starts at once: the window would only delay the budget. While a batch
             # decodes, requests arriving close together wait up to the window to share the next one.
             deadline = time.perf_counter() + (self.batch_window if wait else 0.0)
@@ -886,7 +888,7 @@ class BudgetGenerator(BudgetGeneratorBase):
             if batch is None:
                 return
             with self._decoding_lock:
-                self._decoding += 1
+                self._decoding.append(batch)
             try:
                 self._run_batch(batch)
             except Exception as err:  # a model error must not kill the worker or hang the callers
@@ -895,7 +897,7 @@ class BudgetGenerator(BudgetGeneratorBase):
                 self._abort([row for row in batch if not row.answering], err)
             finally:
                 with self._decoding_lock:
-                    self._decoding -= 1
+                    self._decoding.remove(batch)
 
     def _run_batch(self, batch: list[_Row]) -> None:
         import torch

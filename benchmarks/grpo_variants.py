@@ -1,0 +1,97 @@
+"""GRPO variants on the embedded default: what the recipe's settings do to accuracy, length and adherence.
+
+Starts from a finished demo folder (its cold-start model, profile and base-model evaluation) and runs
+`selfbudgeter grpo` once per variant (the embedded recipe plus the variant's overrides, the demo's own
+flags `--profile_only true --solved_only true`), then `selfbudgeter eval` on the 400 test questions (user-budget control on 50 of them) with
+the demo's base evaluation as the compression baseline, and prints one table row per variant.
+
+    .venv/bin/python benchmarks/grpo_variants.py --demo runs/demo [--out runs/grpo-variants] [--only NAME ...]
+
+Each variant takes 4 to 12 minutes on a 2-core CPU; finished variants (an eval folder with metrics.json)
+are skipped on a rerun. The rows are written to OUT/variants.json and OUT/variants.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (what it changes, overrides of embedded/grpo)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "recipe": ("the embedded recipe as shipped (60 steps, lr 1e-4, alpha 6.0 -> 0.1)", []),
+    "steps150": ("150 steps instead of 60", ["--max_steps", "150"]),
+    "steps150_kl": ("150 steps with a KL term (beta 0.04)", ["--max_steps", "150", "--beta", "0.04"]),
+    "steps150_alpha2": ("150 steps, alpha 2.0 -> 0.1", ["--max_steps", "150", "--alpha_start", "2.0"]),
+    "lr5e-5": ("half the learning rate", ["--learning_rate", "5e-5"]),
+    "prefill50": ("half the prompts with a user budget instead of a quarter", ["--prefill_fraction", "0.5"]),
+    "accuracy_only": ("baseline: the accuracy reward alone (recipe embedded/grpo_accuracy)", ["--config",
+                                                                                              "embedded/grpo_accuracy"]),
+    "kimi_length": ("baseline: accuracy + Kimi k1.5 length reward (recipe embedded/grpo_kimi_length)",
+                    ["--config", "embedded/grpo_kimi_length"]),
+}
+KEYS = ("accuracy", "mean_tokens", "compression", "within_20", "within_50", "length_budget_pearson",
+        "spearman_budget_difficulty", "control_slope", "format_failure_rate")
+
+
+def run(argv: list[str], log: Path) -> None:
+    with log.open("w") as out:
+        code = subprocess.call([sys.executable, "-m", "selfbudgeter.cli", *argv], stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        raise SystemExit(f"{' '.join(argv[:1])} failed ({code}); see {log}")
+
+
+def variant(name: str, overrides: list[str], demo: Path, out: Path, seed: int) -> dict:
+    model, evals = out / name, out / f"{name}-eval"
+    if not (evals / "metrics.json").exists():
+        config = ["--config", "embedded/grpo"] if "--config" not in overrides else []
+        start = time.time()
+        run(["grpo", *config, "--model", str(demo / "models" / "sft"), "--profile", str(demo / "profile"),
+             "--profile_only", "true", "--solved_only", "true", "--output_dir", str(model), "--seed", str(seed),
+             *overrides], out / f"{name}.grpo.log")
+        (out / f"{name}.seconds").write_text(f"{time.time() - start:.0f}\n")
+        run(["eval", "--config", "embedded/eval", "--model", str(model), "--out", str(evals), "--seed", str(seed),
+             "--control_limit", "50", "--baseline", str(demo / "eval" / "base")], out / f"{name}.eval.log")
+    metrics = json.loads((evals / "metrics.json").read_text())
+    seconds = out / f"{name}.seconds"
+    return {"variant": name, "grpo_seconds": int(seconds.read_text()) if seconds.exists() else None,
+            **{key: metrics.get(key) for key in KEYS}}
+
+
+def table(rows: list[dict]) -> str:
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    head = ["variant", "grpo_seconds", *KEYS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cell(row[key]) for key in head) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `selfbudgeter demo` folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/grpo-variants"))
+    parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run these variants only")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for needed in (args.demo / "models" / "sft", args.demo / "profile", args.demo / "eval" / "base" / "metrics.json"):
+        if not needed.exists():
+            parser.error(f"{needed} is missing: run `selfbudgeter demo --out {args.demo}` first")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.only or VARIANTS:
+        print(f"{name}: {VARIANTS[name][0]}", flush=True)
+        rows.append(variant(name, VARIANTS[name][1], args.demo, args.out, args.seed))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    (args.out / "variants.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "variants.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
