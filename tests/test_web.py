@@ -39,8 +39,10 @@ def live(tiny_model_dir):
     model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
     forward = model.forward
 
+    # ~30 ms a token: a request runs for ~15 s unless stopped, so even a slow browser on a loaded machine sees
+    # the budget before the answer; the tests stop or answer early after a few tokens.
     def slow_forward(*args, **kwargs):
-        time.sleep(0.01)
+        time.sleep(0.03)
         return forward(*args, **kwargs)
 
     model.forward = slow_forward
