@@ -6,6 +6,7 @@ Run: `.venv/bin/python -m pytest -q tests/test_evaluate.py` (a scripted generato
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -201,3 +202,23 @@ def test_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path, tiny_model_di
                      tokenizer=tokenizer)
     assert [r["response"] for r in items(tmp_path / "c")] != [r["response"] for r in items(tmp_path / "a")]
     assert other["n"] == 8
+
+
+def test_embedded_records_measure_their_filler(embedded_tokenizer):
+    from selfbudgeter import task
+
+    row = task.load_split("test")[0]
+    solution = task.minimal_solution(task.parse_question(row.question))
+    steps, answer = solution.rsplit("\n", 1)
+    padded = f"{steps}\nWait, let me double-check.\n{answer}"
+    filler = token_length(embedded_tokenizer, "Wait, let me double-check.")
+    scored = ev.score_record(embedded_tokenizer, row, render_response(40, padded), sample=0, budgeted=True,
+                             max_budget=1000)
+    assert scored["correct"] and scored["filler_tokens"] == filler
+    bare = ev.score_record(embedded_tokenizer, row, solution, sample=0, budgeted=False, max_budget=1000)
+    assert bare["filler_tokens"] == 0
+    broken = ev.score_record(embedded_tokenizer, row, padded, sample=0, budgeted=True, max_budget=1000)
+    assert broken["filler_tokens"] is None  # no budget tag: the solution cannot be isolated
+    other = ev.score_record(embedded_tokenizer, dataclasses.replace(row, source="gsm8k"), solution, sample=0,
+                            budgeted=False, max_budget=1000)
+    assert "filler_tokens" not in other

@@ -250,3 +250,16 @@ def test_within_counts_the_boundary_in():
 def test_importing_metrics_does_not_import_torch():
     code = "import sys, selfbudgeter.metrics; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_filler_share_counts_only_records_that_measured_it():
+    records = [
+        {**rec("a", 100, 100, True), "filler_tokens": 60},
+        {**rec("b", 50, 50, True), "filler_tokens": 0},
+        {**rec("c", 80, 90, False), "filler_tokens": None},  # a broken response: no solution to split
+        rec("d", 70, 70, True),  # another dataset: not measured
+    ]
+    summary = summarize(records)
+    assert summary["mean_filler_tokens"] == 30
+    assert summary["filler_share"] == pytest.approx(60 / 150)
+    assert summarize(MAIN)["filler_share"] is None and summarize(MAIN)["mean_filler_tokens"] is None

@@ -31,6 +31,7 @@ from .data import SYSTEM_PROMPT
 from .config import nullable
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET
+from .task import SOURCE as EMBEDDED_SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,30 @@ def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budget
         record.update(budget=None, length=token_length(tokenizer, response.strip()), format_ok=False,
                       format_error="missing_budget", correct=bool(result.correct) and result.error is None,
                       grading_error=result.error, predicted=result.predicted)
+    if row.source == EMBEDDED_SOURCE:
+        record["filler_tokens"] = filler_tokens(tokenizer, response, budgeted=budgeted, format_ok=record["format_ok"],
+                                                max_budget=max_budget)
     return record
+
+
+def filler_tokens(tokenizer: Any, response: str, *, budgeted: bool, format_ok: bool,
+                  max_budget: int | None = None) -> int | None:
+    """Tokens of the solution's filler lines (`task.split_filler`: re-checks and phrases a correct solution
+    does not need), for the embedded task; None when a budgeted response's solution cannot be isolated."""
+    from .format import FormatError, parse_response, token_length
+    from .task import split_filler
+
+    if not budgeted:
+        text = response.strip()
+    elif not format_ok:
+        return None
+    else:
+        try:
+            text = parse_response(response, max_budget=max_budget).solution
+        except FormatError:
+            return None
+    _, filler = split_filler(text)
+    return token_length(tokenizer, filler) if filler else 0
 
 
 def control_budget(multiplier: float, estimate: int, max_budget: int) -> int:

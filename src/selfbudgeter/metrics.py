@@ -5,7 +5,8 @@ Record schema:
     id, difficulty (number | None), gold, response (full text), prefill_budget (int | None),
     control_multiplier (float | None), budget (int | None: parsed or prefilled), length (int: solution
     tokens; whole-response tokens when the format is broken), format_ok (bool), format_error (str | None),
-    correct (bool), grading_error (str | None), predicted (str | None), sample (int)
+    correct (bool), grading_error (str | None), predicted (str | None), sample (int), and on the embedded
+    task filler_tokens (int | None: tokens of the solution's filler lines, `task.split_filler`)
 
 Records with a `control_multiplier` come from user-budget control runs (the budget was prefilled at a
 multiple of the model's own estimate); they feed only the `control*` metrics. Everything else is computed
@@ -181,6 +182,15 @@ def control_fit(records: Iterable[Record]) -> tuple[float | None, float | None]:
     return slope, within_20
 
 
+def filler(records: Sequence[Record]) -> tuple[float | None, float | None]:
+    """(mean filler tokens, filler share of all solution tokens) over records that measured their filler."""
+    rows = [r for r in records if r.get("filler_tokens") is not None]
+    if not rows:
+        return None, None
+    total = sum(r["length"] for r in rows)
+    return _mean([r["filler_tokens"] for r in rows]), (sum(r["filler_tokens"] for r in rows) / total if total else None)
+
+
 def format_failures(records: Sequence[Record], examples: int = FAILURE_EXAMPLES) -> dict[str, Any]:
     """Broken responses grouped by FormatError reason: a count and up to `examples` shortened examples."""
     out: dict[str, Any] = {}
@@ -204,6 +214,7 @@ def summarize(records: Iterable[Record], baseline_mean_tokens: float | None = No
     main = main_records(records)
     mean_tokens = mean_length(main)
     control_slope, control_within_20 = control_fit(records)
+    mean_filler, filler_share = filler(main)
     summary: dict[str, Any] = {
         "n": len(main),
         "n_control": len(records) - len(main),
@@ -216,6 +227,8 @@ def summarize(records: Iterable[Record], baseline_mean_tokens: float | None = No
         "control_slope": control_slope,
         "control_within_20": control_within_20,
         "control": control_curve(records),
+        "mean_filler_tokens": mean_filler,
+        "filler_share": filler_share,
         "format_failure_rate": _mean([not r.get("format_ok") for r in main]),
         "format_failures": format_failures(main),
         # All records, control runs included: any grading failure deserves a look.
