@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "steps150_alpha2": ("150 steps, alpha 2.0 -> 0.1", ["--max_steps", "150", "--alpha_start", "2.0"]),
     "lr5e-5": ("half the learning rate", ["--learning_rate", "5e-5"]),
     "prefill50": ("half the prompts with a user budget instead of a quarter", ["--prefill_fraction", "0.5"]),
+    "temperature08": ("rollouts at T = 0.8 instead of 0.6", ["--temperature", "0.8"]),
+    "generations16": ("16 completions per prompt, 2 prompts a step", ["--num_generations", "16"]),
     "accuracy_only": ("baseline: the accuracy reward alone (recipe embedded/grpo_accuracy)", ["--config",
                                                                                               "embedded/grpo_accuracy"]),
     "kimi_length": ("baseline: accuracy + Kimi k1.5 length reward (recipe embedded/grpo_kimi_length)",
