@@ -20,16 +20,22 @@ import sys
 import time
 from pathlib import Path
 
+# The paper's rollout temperature with the learning rate the recipe had before it moved to T = 0.8, lr 5e-5.
+PAPER = ["--temperature", "0.6", "--learning_rate", "1e-4"]
 # name -> (what it changes, overrides of embedded/grpo)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "recipe": ("the embedded recipe as shipped (60 steps, lr 1e-4, alpha 6.0 -> 0.1)", []),
-    "steps150": ("150 steps instead of 60", ["--max_steps", "150"]),
-    "steps150_kl": ("150 steps with a KL term (beta 0.04)", ["--max_steps", "150", "--beta", "0.04"]),
-    "steps150_alpha2": ("150 steps, alpha 2.0 -> 0.1", ["--max_steps", "150", "--alpha_start", "2.0"]),
-    "lr5e-5": ("half the learning rate", ["--learning_rate", "5e-5"]),
-    "prefill50": ("half the prompts with a user budget instead of a quarter", ["--prefill_fraction", "0.5"]),
-    "temperature08": ("rollouts at T = 0.8 instead of 0.6", ["--temperature", "0.8"]),
-    "generations16": ("16 completions per prompt, 2 prompts a step", ["--num_generations", "16"]),
+    "recipe": ("the embedded recipe as shipped (60 steps, T 0.8, lr 5e-5, alpha 6.0 -> 0.1)", []),
+    "paper_t06": ("the paper's T 0.6, lr 1e-4", PAPER),
+    "steps150": ("T 0.6, lr 1e-4, 150 steps", [*PAPER, "--max_steps", "150"]),
+    "steps150_kl": ("T 0.6, lr 1e-4, 150 steps, KL beta 0.04", [*PAPER, "--max_steps", "150", "--beta", "0.04"]),
+    "steps150_alpha2": ("T 0.6, lr 1e-4, 150 steps, alpha 2.0 -> 0.1", [*PAPER, "--max_steps", "150",
+                                                                       "--alpha_start", "2.0"]),
+    "lr5e-5": ("T 0.6, lr 5e-5", ["--temperature", "0.6"]),
+    "prefill50": ("T 0.6, lr 1e-4, half the prompts prefilled", [*PAPER, "--prefill_fraction", "0.5"]),
+    "temperature08": ("T 0.8, lr 1e-4", ["--learning_rate", "1e-4"]),
+    "generations16": ("T 0.6, lr 1e-4, 16 completions per prompt", [*PAPER, "--num_generations", "16"]),
+    "generations16_lr5e-5": ("T 0.6, lr 5e-5, 16 completions per prompt", ["--temperature", "0.6",
+                                                                            "--num_generations", "16"]),
     "accuracy_only": ("baseline: the accuracy reward alone (recipe embedded/grpo_accuracy)", ["--config",
                                                                                               "embedded/grpo_accuracy"]),
     "kimi_length": ("baseline: accuracy + Kimi k1.5 length reward (recipe embedded/grpo_kimi_length)",
