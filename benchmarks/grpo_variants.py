@@ -25,7 +25,7 @@ PAPER = ["--temperature", "0.6", "--learning_rate", "1e-4"]
 # name -> (what it changes, overrides of embedded/grpo)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("the embedded recipe as shipped (60 steps, T 0.8, lr 5e-5, alpha 6.0 -> 0.1)", []),
-    "paper_t06": ("the paper's T 0.6, lr 1e-4", PAPER),
+    "paper_t06": ("T 0.6 (the paper's), lr 1e-4", PAPER),
     "steps150": ("T 0.6, lr 1e-4, 150 steps", [*PAPER, "--max_steps", "150"]),
     "steps150_kl": ("T 0.6, lr 1e-4, 150 steps, KL beta 0.04", [*PAPER, "--max_steps", "150", "--beta", "0.04"]),
     "steps150_alpha2": ("T 0.6, lr 1e-4, 150 steps, alpha 2.0 -> 0.1", [*PAPER, "--max_steps", "150",
