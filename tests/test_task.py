@@ -63,3 +63,14 @@ def test_filler_amount_ignores_difficulty():
 def test_parse_question_rejects_other_text(bad):
     with pytest.raises(ValueError, match="not an embedded-task question"):
         task.parse_question(bad)
+
+
+def test_filler_tokens_counts_only_filler_lines(embedded_tokenizer):
+    problem = task.parse_question(task.load_split("test")[7].question)
+    minimal = task.minimal_solution(problem)
+    assert task.filler_tokens(embedded_tokenizer, minimal) == 0
+    steps, answer = minimal.rsplit("\n", 1)
+    padded = f"{steps}\nHmm, is that correct?\n{answer}"
+    assert task.filler_tokens(embedded_tokenizer, padded) == len(
+        embedded_tokenizer("Hmm, is that correct?", add_special_tokens=False)["input_ids"]
+    )

@@ -25,8 +25,7 @@ def inspect(samples: list[dict], tokenizer) -> dict:
     minimal = {r.id: token_length(tokenizer, r.solution) for r in task.load_split("test")}
     levels: dict[int, list[dict]] = {}
     for s in samples:
-        _, filler = task.split_filler(s["response"])
-        s = dict(s, filler_tokens=token_length(tokenizer, filler) if filler else 0, minimal=minimal[s["id"]])
+        s = dict(s, filler_tokens=task.filler_tokens(tokenizer, s["response"]), minimal=minimal[s["id"]])
         levels.setdefault(int(s["difficulty"]), []).append(s)
 
     def figures(rows: list[dict]) -> dict:

@@ -149,20 +149,17 @@ def filler_tokens(tokenizer: Any, response: str, *, budgeted: bool, format_ok: b
                   max_budget: int | None = None) -> int | None:
     """Tokens of the solution's filler lines (`task.split_filler`: re-checks and phrases a correct solution
     does not need), for the embedded task; None when a budgeted response's solution cannot be isolated."""
-    from .format import FormatError, parse_response, token_length
-    from .task import split_filler
+    from .format import FormatError, parse_response
+    from .task import filler_tokens as solution_filler_tokens
 
     if not budgeted:
-        text = response.strip()
-    elif not format_ok:
+        return solution_filler_tokens(tokenizer, response.strip())
+    if not format_ok:
         return None
-    else:
-        try:
-            text = parse_response(response, max_budget=max_budget).solution
-        except FormatError:
-            return None
-    _, filler = split_filler(text)
-    return token_length(tokenizer, filler) if filler else 0
+    try:
+        return solution_filler_tokens(tokenizer, parse_response(response, max_budget=max_budget).solution)
+    except FormatError:
+        return None
 
 
 def control_budget(multiplier: float, estimate: int, max_budget: int) -> int:

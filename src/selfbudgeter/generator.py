@@ -2,8 +2,8 @@
 
 A request is a question (and optionally a user budget). A request that finds the generator idle starts at
 once (`eager`, the default); while a batch decodes, requests that arrive within `batch_window` of each other
-are batched into the next `model.generate` call. Calls run in worker threads, and each row's tokens become events: one
-`BudgetEvent` as soon as the budget is known (decoded, or pre-filled by the user), `TextEvent`s of
+are batched into the next `model.generate` call. Calls run in worker threads, and each row's tokens become
+events: one `BudgetEvent` as soon as the budget is known (decoded, or pre-filled by the user), `TextEvent`s of
 solution text (never tag characters), and one `FinalEvent`. Every request can be stopped or asked to
 answer now, from any thread, while its batch-mates keep going.
 

@@ -170,6 +170,14 @@ def split_filler(response: str) -> tuple[str, str]:
     return "\n".join(essential), "\n".join(filler)
 
 
+def filler_tokens(tokenizer, solution: str) -> int:
+    """Tokens (in `tokenizer`) of the filler lines of a solution, as `split_filler` divides it."""
+    from .format import token_length
+
+    _, filler = split_filler(solution)
+    return token_length(tokenizer, filler) if filler else 0
+
+
 def _rough_tokens(text: str) -> int:
     return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]", text))
 
