@@ -41,10 +41,10 @@ def test_rows_agree_with_their_problem(row):
 def test_traces_are_correct_and_filler_splits_off(seed):
     row = task.load_split("test")[seed * 19]
     problem = task.parse_question(row.question)
-    trace = task.render_trace(problem, random.Random(seed))
+    trace = task.render_trace(problem, random.Random(seed), filler_tokens=1 + seed)
     assert is_correct(trace, row.answer)
     essential, filler = task.split_filler(trace)
-    assert filler  # every base trace overthinks
+    assert filler  # a trace with a filler budget overthinks
     if "not" not in trace:  # no slip: what remains is exactly the minimal solution
         assert essential == task.minimal_solution(problem)
 
@@ -57,6 +57,14 @@ def test_filler_amount_ignores_difficulty():
         sizes = [len(task.split_filler(task.render_trace(task.parse_question(r.question), rng))[1]) for r in rows]
         mean_filler[steps] = sum(sizes) / len(sizes)
     assert mean_filler[8] == pytest.approx(mean_filler[1], rel=0.25)
+
+
+def test_filler_amount_ranges_from_none_to_a_lot():
+    rng = random.Random(0)
+    problem = task.parse_question(task.load_split("test")[5].question)
+    sizes = [task._rough_tokens(task.split_filler(task.render_trace(problem, rng))[1]) for _ in range(400)]
+    assert min(sizes) <= 10 and max(sizes) >= task.FILLER_TOKENS[1] - 5
+    assert task.render_trace(problem, rng, filler_tokens=0).count("Check step") == 0
 
 
 @pytest.mark.parametrize("bad", ["", "What is 2+3?", "Start with 3 apples. What now?"])

@@ -16,7 +16,11 @@ question text, so that the held-out splits can hold 50 distinct one-step questio
 The difficulty is the number of steps, and the minimal correct solution grows linearly with it, so a good
 budget has to depend on the question. `render_trace` writes what an overthinking reasoning model writes:
 the needed steps, then re-verification and filler whose amount is drawn independently of the difficulty
-(in real reasoning models most of the savings come from such filler). On longer chains a trace sometimes
+(in real reasoning models most of the savings come from such filler). The amount is uniform from none to
+a lot, as a real model's length varies between samples of one question: its own correct answers then
+include concise ones, so the budgets a cold start learns from them reach down to what a question really
+needs (with a floor of 40 rough tokens, measured, GRPO could never sample a budget that low: the cold
+start had not seen one, and it stayed above the solutions it learnt to write). On longer chains a trace sometimes
 makes an arithmetic slip that its verification pass catches and repairs, so cutting verification away is
 not entirely free.
 
@@ -38,7 +42,7 @@ MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
 SOURCE = "embedded"
 
-FILLER_TOKENS = (40, 100)  # the filler of one trace, drawn uniformly, whatever the difficulty
+FILLER_TOKENS = (0, 140)  # the filler of one trace, drawn uniformly, whatever the difficulty
 SLIP_RATE = 0.12  # share of traces with >= SLIP_MIN_STEPS steps that make a slip and repair it
 SLIP_MIN_STEPS = 4
 
