@@ -80,6 +80,12 @@ class GRPOStageArgs:
     )
     prefill_min: float = field(default=0.5, metadata={"help": "user budgets are at least this x b_max"})
     prefill_max: float = field(default=2.0, metadata={"help": "user budgets are at most this x b_max"})
+    # Beyond the paper (relabel.py): 0 trains with the SPEC reward alone.
+    budget_relabel_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of hindsight budget relabelling: correct rollouts with their own budget also "
+                  "train the budget tag to state their solution length (0 = off, the paper's GRPO)"},
+    )
 
     def __post_init__(self) -> None:
         if self.system_prompt in ("", "null", "None"):  # what a command line can say for "none"
@@ -95,6 +101,8 @@ class GRPOStageArgs:
             raise UserError(f"limit must be >= 1, not {self.limit}")
         if not self.rewards:
             raise UserError("rewards is empty: name at least one reward")
+        if not (self.budget_relabel_weight >= 0 and math.isfinite(self.budget_relabel_weight)):
+            raise UserError(f"budget_relabel_weight must be a number >= 0, not {self.budget_relabel_weight}")
 
 
 def make_parser():
@@ -273,13 +281,23 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
         config.output_dir,
         f" (resuming from {resume})" if resume else "",
     )
-    trainer = GRPOTrainer(
+    trainer_class, extra = GRPOTrainer, {}
+    if stage.budget_relabel_weight > 0:
+        from .relabel import RelabelGRPOTrainer
+        from .rewards import SelfBudgeterScorer
+
+        # The SelfBudgeter reward's scorer, when there is one, so that each completion is graded once.
+        scorer = next((f.scorer for f in reward_funcs if isinstance(getattr(f, "scorer", None), SelfBudgeterScorer)),
+                      None) or SelfBudgeterScorer(tokenizer, reward_cfg)
+        trainer_class, extra = RelabelGRPOTrainer, {"scorer": scorer, "weight": stage.budget_relabel_weight}
+    trainer = trainer_class(
         model=source,
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
         callbacks=callbacks,
+        **extra,
     )
     trainer.train(resume_from_checkpoint=resume)
     out = save_final(trainer, tokenizer, config.output_dir)

@@ -1,0 +1,94 @@
+"""Hindsight budget relabelling: GRPO that also teaches the budget to predict the solution it now writes.
+
+Beyond the paper. The SPEC reward pays for a solution of length l under a budget b through the kernel
+k(l; (1-alpha) b, alpha b), a function of l / b only. While alpha is loose the model learns to write far
+less than its budget; when alpha tightens, the reward asks for l close to (1 - alpha) b, and a policy can get
+there by lowering its budget digits or by writing longer again. A small model takes the second way: its
+filler comes back and the compression is lost (measured on the embedded default; README, "GRPO variants").
+
+Relabelling closes that gap the way Stage 1 opened it: every rollout that stated its own budget and
+answered correctly is also a cold-start example of what the model now writes. Its budget tag is replaced by
+`render_prefill(l)`, l being its measured solution length, and the tag's tokens are trained with the
+ordinary next-token loss (weight `budget_relabel_weight`) next to the GRPO loss. The rollouts, rewards,
+advantages and alpha schedule are GRPO's own; only the budget tokens get this second teacher. Responses
+with a prefilled (user) budget are not relabelled: their budget was not the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from .format import render_prefill
+from .rewards import SelfBudgeterScorer
+
+
+def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str],
+                    rows: Sequence[dict[str, Any]]) -> list[str | None]:
+    """Per completion, its budget tag restated with its measured solution length, or None when it teaches
+    nothing (a broken format, a wrong answer, a budget the user prefilled)."""
+    golds = [row.get("answer") for row in rows]
+    prefills = [row.get("prefill_budget") for row in rows]
+    scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
+    targets: list[str | None] = []
+    for item, prefill in zip(scored, prefills):
+        own = prefill is None or prefill != prefill  # a NaN from a pandas column is "no prefill"
+        if not (own and item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget):
+            targets.append(None)
+        else:
+            targets.append(render_prefill(item.length))
+    return targets
+
+
+def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  targets: Sequence[str | None]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by each target's tokens: input ids, attention mask and labels (-100
+    everywhere but the target's tokens; a row without a target is all -100)."""
+    tags = [tokenizer.encode(t, add_special_tokens=False) if t is not None else [] for t in targets]
+    width = max(1, max(len(tag) for tag in tags))
+    batch, pad = prompt_ids.size(0), tokenizer.pad_token_id
+    tag_ids = torch.full((batch, width), pad, dtype=prompt_ids.dtype)
+    tag_mask = torch.zeros((batch, width), dtype=prompt_mask.dtype)
+    for i, tag in enumerate(tags):
+        tag_ids[i, : len(tag)] = torch.tensor(tag, dtype=prompt_ids.dtype)
+        tag_mask[i, : len(tag)] = 1
+    tag_ids, tag_mask = tag_ids.to(prompt_ids.device), tag_mask.to(prompt_ids.device)
+    labels = torch.cat([torch.full_like(prompt_ids, -100), tag_ids.masked_fill(tag_mask == 0, -100)], dim=1)
+    return {
+        "relabel_ids": torch.cat([prompt_ids, tag_ids], dim=1),
+        "relabel_mask": torch.cat([prompt_mask, tag_mask], dim=1),
+        "relabel_labels": labels,
+    }
+
+
+class RelabelGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` plus the hindsight budget loss, `weight` x next-token loss on relabelled budget tags."""
+
+    def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.budget_scorer = scorer
+        self.relabel_weight = weight
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        ids = [row[mask.bool()] for row, mask in zip(output["completion_ids"], output["completion_mask"])]
+        texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
+        targets = relabel_targets(self.budget_scorer, texts, inputs)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["relabel/share"].append(sum(t is not None for t in targets) / max(1, len(targets)))
+        output.update(relabel_batch(self.processing_class, output["prompt_ids"], output["prompt_mask"], targets))
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["relabel_labels"]
+        if self.relabel_weight == 0 or not bool((labels != -100).any()):
+            return loss
+        relabel = model(input_ids=inputs["relabel_ids"], attention_mask=inputs["relabel_mask"], labels=labels).loss
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["relabel/loss"].append(self.accelerator.gather(relabel.detach()).mean().item())
+        scale = self.current_gradient_accumulation_steps if mode == "train" else 1
+        return loss + self.relabel_weight * relabel / scale

@@ -1,0 +1,89 @@
+"""Hindsight budget relabelling: which rollouts teach a budget, the tensors it trains on, a 2-step GRPO run.
+
+Run: .venv/bin/python -m pytest -q tests/test_relabel.py
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from selfbudgeter import grpo
+from selfbudgeter.format import render_prefill, render_response, token_length
+from selfbudgeter.relabel import relabel_batch, relabel_targets
+from selfbudgeter.rewards import SelfBudgeterScorer
+
+SOLUTION = "1) 3+4=7\nSo the answer is \\boxed{7}."
+
+
+@pytest.fixture
+def scorer(embedded_tokenizer):
+    return SelfBudgeterScorer(embedded_tokenizer)
+
+
+def test_only_correct_well_formed_own_budgets_are_relabelled(scorer, embedded_tokenizer):
+    length = token_length(embedded_tokenizer, SOLUTION)
+    completions = [
+        render_response(99, SOLUTION),  # own budget, correct: relabelled to its length
+        render_response(99, SOLUTION.replace("{7}", "{8}")),  # wrong answer
+        "<budget>abc</budget><solution>" + SOLUTION + "</solution>",  # broken budget
+        SOLUTION + "</solution>",  # continues a prefilled budget: the user's, not the model's
+        render_response(5, SOLUTION),  # own budget far under its length: still relabelled
+    ]
+    rows = [{"answer": "7", "prefill_budget": None}] * 3 + [{"answer": "7", "prefill_budget": 40},
+                                                             {"answer": "7", "prefill_budget": float("nan")}]
+    tag = render_prefill(length)
+    assert relabel_targets(scorer, completions, rows) == [tag, None, None, None, tag]
+
+
+def test_relabel_batch_trains_only_the_budget_tag(embedded_tokenizer):
+    tok = embedded_tokenizer
+    prompts = [tok.encode("<|user|>a b c\n<|assistant|>"), tok.encode("<|user|>a\n<|assistant|>")]
+    width = max(map(len, prompts))
+    prompt_ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    batch = relabel_batch(tok, prompt_ids, prompt_mask, [render_prefill(137), None])
+
+    ids, mask, labels = batch["relabel_ids"], batch["relabel_mask"], batch["relabel_labels"]
+    assert ids.shape == mask.shape == labels.shape and torch.equal(ids[:, :width], prompt_ids)
+    tag = tok.encode(render_prefill(137), add_special_tokens=False)
+    trained = labels[0][labels[0] != -100].tolist()
+    assert trained == tag and tok.decode(trained) == render_prefill(137)
+    assert ids[0, width : width + len(tag)].tolist() == tag and mask[0, width:].sum() == len(tag)
+    assert (labels[1] == -100).all() and mask[1, width:].sum() == 0  # no target: nothing trained, nothing seen
+    assert (labels[:, :width] == -100).all()  # the prompt is never a label
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan"])
+def test_negative_or_nan_weight_is_a_user_error(bad):
+    from selfbudgeter.errors import UserError
+
+    with pytest.raises(UserError, match="budget_relabel_weight"):
+        grpo.parse_args(["--config", "embedded/grpo", "--budget_relabel_weight", bad])
+
+
+def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch):
+    import selfbudgeter.relabel as relabel
+
+    # A random model never writes a correct closed solution; pretend every rollout did, with 9 tokens.
+    monkeypatch.setattr(relabel, "relabel_targets", lambda scorer, completions, rows: [render_prefill(9)] * len(completions))
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "questions.jsonl").write_text(
+        "".join(json.dumps({"id": f"embedded-train-{i}", "b_max": 60}) + "\n" for i in range(8))
+    )
+    out = tmp_path / "grpo"
+    stage, reward_cfg, config = grpo.parse_args([
+        "--config", "embedded/grpo", "--model", str(tiny_model_dir), "--profile", str(profile),
+        "--output_dir", str(out), "--limit", "8", "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--max_completion_length", "12", "--warmup_steps", "0", "--max_steps", "3", "--save_steps", "3",
+        "--learning_rate", "1e-2", "--budget_relabel_weight", "1.0",
+    ])  # fmt: skip
+    grpo.run_grpo(stage, reward_cfg, config)
+    logged = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"][:3]
+    assert [entry["relabel/share"] for entry in logged] == [1.0, 1.0, 1.0]
+    losses = [entry["relabel/loss"] for entry in logged]
+    # The tag is learnt: its next-token loss falls from a random model's ~log(vocab).
+    assert losses[0] > 3.0 and losses[-1] < losses[0]
