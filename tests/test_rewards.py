@@ -362,6 +362,7 @@ def test_batch_metrics_are_logged_through_trl(tokenizer):
     assert logged["selfbudgeter/format_ok"] == pytest.approx(2 / 3)
     assert logged["selfbudgeter/within_20"] == pytest.approx(0.5)
     assert logged["selfbudgeter/mean_budget"] == 10
+    assert logged["selfbudgeter/accuracy"] == pytest.approx(2 / 3)  # both well-formed answers are right
 
 
 # --- baselines --------------------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "instead of copying the shipped one")
     parser.add_argument("--baselines", action="store_true",
                         help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")
-    parser.add_argument("--profile-questions", type=int, default=400, help="training questions profiled")
+    parser.add_argument("--profile-questions", type=int, default=800,
+                        help="training questions profiled (default 800, 2 samples each)")
     parser.add_argument("--eval-limit", type=int, default=400, help="test questions evaluated (400 = all)")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO recipes' max_steps")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")

@@ -346,6 +346,7 @@ def _log_budget_metrics(log_metric: Callable[[str, float], None], scored: Sequen
     ok = [s for s in scored if s.format_ok]
     log_metric("selfbudgeter/alpha", alpha)
     log_metric("selfbudgeter/format_ok", len(ok) / len(scored))
+    log_metric("selfbudgeter/accuracy", sum(s.correct for s in scored) / len(scored))
     if ok:
         log_metric("selfbudgeter/mean_budget", sum(s.budget for s in ok) / len(ok))
         within = sum(abs(s.length - s.budget) <= 0.2 * s.budget for s in ok)
