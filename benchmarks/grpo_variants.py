@@ -2,13 +2,15 @@
 
 Starts from a finished demo folder (its cold-start model, profile and base-model evaluation) and runs
 `selfbudgeter grpo` once per variant (the embedded recipe plus the variant's overrides, the demo's own
-flags `--profile_only true --solved_only true`), then `selfbudgeter eval` on the 400 test questions (user-budget control on 50 of them) with
-the demo's base evaluation as the compression baseline, and prints one table row per variant.
+flags `--profile_only true --solved_only true`), then `selfbudgeter eval` on the 400 test questions
+(user-budget control on 50 of them) with the demo's base evaluation as the compression baseline, and prints
+one table row per variant.
 
     .venv/bin/python benchmarks/grpo_variants.py --demo runs/demo [--out runs/grpo-variants] [--only NAME ...]
 
 Each variant takes 4 to 12 minutes on a 2-core CPU; finished variants (an eval folder with metrics.json)
-are skipped on a rerun. The rows are written to OUT/variants.json and OUT/variants.md.
+are skipped on a rerun, and those the demo ran itself (the recipe; the baselines after `demo --baselines`)
+are read from the demo folder. The rows are written to OUT/variants.json and OUT/variants.md.
 """
 
 from __future__ import annotations
@@ -20,27 +22,23 @@ import sys
 import time
 from pathlib import Path
 
-# The paper's rollout temperature with the learning rate the recipe had before it moved to T = 0.8, lr 5e-5.
-PAPER = ["--temperature", "0.6", "--learning_rate", "1e-4"]
-# name -> (what it changes, overrides of embedded/grpo)
+# name -> (what it changes, overrides of embedded/grpo). "recipe" is the demo's own GRPO run, read from the demo.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "recipe": ("the embedded recipe as shipped (60 steps, T 0.8, lr 5e-5, alpha 6.0 -> 0.1)", []),
-    "paper_t06": ("T 0.6 (the paper's), lr 1e-4", PAPER),
-    "steps150": ("T 0.6, lr 1e-4, 150 steps", [*PAPER, "--max_steps", "150"]),
-    "steps150_kl": ("T 0.6, lr 1e-4, 150 steps, KL beta 0.04", [*PAPER, "--max_steps", "150", "--beta", "0.04"]),
-    "steps150_alpha2": ("T 0.6, lr 1e-4, 150 steps, alpha 2.0 -> 0.1", [*PAPER, "--max_steps", "150",
-                                                                       "--alpha_start", "2.0"]),
-    "lr5e-5": ("T 0.6, lr 5e-5", ["--temperature", "0.6"]),
-    "prefill50": ("T 0.6, lr 1e-4, half the prompts prefilled", [*PAPER, "--prefill_fraction", "0.5"]),
-    "temperature08": ("T 0.8, lr 1e-4", ["--learning_rate", "1e-4"]),
-    "generations16": ("T 0.6, lr 1e-4, 16 completions per prompt", [*PAPER, "--num_generations", "16"]),
-    "generations16_lr5e-5": ("T 0.6, lr 5e-5, 16 completions per prompt", ["--temperature", "0.6",
-                                                                            "--num_generations", "16"]),
+    "recipe": ("the embedded recipe as the demo ran it (see embedded/grpo.yaml)", []),
+    "spec_only": ("the paper's GRPO: SPEC reward only, no budget relabelling", ["--budget_relabel_weight", "0"]),
+    "no_kl": ("no KL term (beta 0)", ["--beta", "0"]),
+    "steps60": ("60 steps", ["--max_steps", "60"]),
+    "temperature06": ("rollouts at T 0.6 (the paper's)", ["--temperature", "0.6"]),
+    "lr5e-5": ("learning rate 5e-5", ["--learning_rate", "5e-5"]),
+    "lr2.5e-5": ("learning rate 2.5e-5", ["--learning_rate", "2.5e-5"]),
+    "beta02": ("KL beta 0.2", ["--beta", "0.2"]),
     "accuracy_only": ("baseline: the accuracy reward alone (recipe embedded/grpo_accuracy)", ["--config",
                                                                                               "embedded/grpo_accuracy"]),
     "kimi_length": ("baseline: accuracy + Kimi k1.5 length reward (recipe embedded/grpo_kimi_length)",
                     ["--config", "embedded/grpo_kimi_length"]),
 }
+# Variants a `demo --baselines` run has already trained and evaluated: read from the demo, not rerun.
+FROM_DEMO = {"recipe": "selfbudgeter", "accuracy_only": "grpo_accuracy", "kimi_length": "grpo_kimi_length"}
 KEYS = ("accuracy", "mean_tokens", "compression", "within_20", "within_50", "length_budget_pearson",
         "spearman_budget_difficulty", "control_slope", "format_failure_rate")
 
@@ -52,7 +50,21 @@ def run(argv: list[str], log: Path) -> None:
         raise SystemExit(f"{' '.join(argv[:1])} failed ({code}); see {log}")
 
 
+def from_demo(name: str, demo: Path) -> dict | None:
+    evals = demo / "eval" / FROM_DEMO.get(name, "")
+    if name not in FROM_DEMO or not (evals / "metrics.json").exists():
+        return None
+    metrics = json.loads((evals / "metrics.json").read_text())
+    timings = demo / "report" / "timings.json"
+    steps = json.loads(timings.read_text())["steps"] if timings.exists() else {}
+    seconds = steps.get(FROM_DEMO[name])
+    return {"variant": name, "grpo_seconds": None if seconds is None else round(seconds),
+            **{key: metrics.get(key) for key in KEYS}}
+
+
 def variant(name: str, overrides: list[str], demo: Path, out: Path, seed: int) -> dict:
+    if (row := from_demo(name, demo)) is not None:
+        return row
     model, evals = out / name, out / f"{name}-eval"
     if not (evals / "metrics.json").exists():
         config = ["--config", "embedded/grpo"] if "--config" not in overrides else []

@@ -170,7 +170,8 @@ def test_embedded_recipes_share_their_training_numbers(recipe):
     stage, reward_cfg, config = grpo.parse_args(["--config", recipe])
     _, _, reference = grpo.parse_args(["--config", "embedded/grpo"])
     assert config.num_generations == 8 and config.per_device_train_batch_size % 8 == 0
-    for name in ("max_steps", "learning_rate", "max_completion_length", "temperature", "per_device_train_batch_size"):
+    for name in ("max_steps", "learning_rate", "max_completion_length", "temperature", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "beta"):
         assert getattr(config, name) == getattr(reference, name), name
     assert build_reward_funcs(stage.rewards, None, reward_cfg)
     if cpu_only():
