@@ -31,6 +31,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "temperature06": ("rollouts at T 0.6 (the paper's)", ["--temperature", "0.6"]),
     "lr5e-5": ("learning rate 5e-5", ["--learning_rate", "5e-5"]),
     "lr2.5e-5": ("learning rate 2.5e-5", ["--learning_rate", "2.5e-5"]),
+    "cosine": ("learning rate 1e-4 decayed to 0 (cosine)", ["--lr_scheduler_type", "cosine"]),
     "beta02": ("KL beta 0.2", ["--beta", "0.2"]),
     "accuracy_only": ("baseline: the accuracy reward alone (recipe embedded/grpo_accuracy)", ["--config",
                                                                                               "embedded/grpo_accuracy"]),

@@ -2,9 +2,10 @@
 
 Beyond the paper. The SPEC reward pays for a solution of length l under a budget b through the kernel
 k(l; (1-alpha) b, alpha b), a function of l / b only. While alpha is loose the model learns to write far
-less than its budget; when alpha tightens, the reward asks for l close to (1 - alpha) b, and a policy can get
-there by lowering its budget digits or by writing longer again. A small model takes the second way: its
-filler comes back and the compression is lost (measured on the embedded default; README, "GRPO variants").
+less than its budget; when alpha tightens, the reward asks for l close to (1 - alpha) b, which the policy
+has to reach by lowering its sampled budget digits (or by writing longer again). A small model in a short
+run does neither: with the SPEC reward alone the embedded model's budgets stay where the cold start put
+them, ~2.4x the solutions it learns to write, and stop following difficulty (README, "GRPO variants").
 
 Relabelling closes that gap the way Stage 1 opened it: every rollout that stated its own budget and
 answered correctly is also a cold-start example of what the model now writes. Its budget tag is replaced by
