@@ -86,10 +86,11 @@ class RelabelGRPOTrainer(GRPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["relabel_labels"]
-        if self.relabel_weight == 0 or not bool((labels != -100).any()):
+        if not bool((labels != -100).any()):
             return loss
         relabel = model(input_ids=inputs["relabel_ids"], attention_mask=inputs["relabel_mask"], labels=labels).loss
         mode = "train" if self.model.training else "eval"
-        self._metrics[mode]["relabel/loss"].append(self.accelerator.gather(relabel.detach()).mean().item())
+        # This process's value: a gather here would wait forever on a process whose batch has no target.
+        self._metrics[mode]["relabel/loss"].append(relabel.item())
         scale = self.current_gradient_accumulation_steps if mode == "train" else 1
         return loss + self.relabel_weight * relabel / scale

@@ -17,10 +17,9 @@ The difficulty is the number of steps, and the minimal correct solution grows li
 budget has to depend on the question. `render_trace` writes what an overthinking reasoning model writes:
 the needed steps, then re-verification and filler whose amount is drawn independently of the difficulty
 (in real reasoning models most of the savings come from such filler). The amount is uniform from none to
-a lot, as a real model's length varies between samples of one question: its own correct answers then
-include concise ones, so the budgets a cold start learns from them reach down to what a question really
-needs (with a floor of 40 rough tokens, measured, GRPO could never sample a budget that low: the cold
-start had not seen one, and it stayed above the solutions it learnt to write). On longer chains a trace sometimes
+a lot, as a real model's length varies between samples of one question, so its own correct answers include
+concise ones and the budgets a cold start learns from them reach down to what a question needs (measured:
+with a floor of 40 rough tokens, GRPO never sampled a budget that low). On longer chains a trace sometimes
 makes an arithmetic slip that its verification pass catches and repairs, so cutting verification away is
 not entirely free.
 
