@@ -150,6 +150,7 @@ def test_profile_of_another_dataset_is_a_user_error(tmp_path, embedded_tokenizer
         (["--prefill_fraction", "1.5"], "prefill_fraction"),
         (["--prefill_min", "3"], "prefill_min"),
         (["--wrong_max", "0.9"], "wrong_max"),  # RewardConfig validates itself
+        (["--frozen_parameters", "q_proj", "(k"], "frozen_parameters"),
     ],
 )
 def test_bad_options_are_user_errors(option, message):
@@ -254,6 +255,34 @@ def test_grpo_two_steps_complete_and_save(tmp_path, tiny_model_dir, profile_dir)
     for name in ("format_reward", "budget_penalty_reward", "precise_budget_reward"):
         assert f"rewards/{name}/mean" in logged
     assert logged["selfbudgeter/alpha"] == pytest.approx(6.0)  # step 0 of 2
+
+
+def test_freeze_stops_exactly_the_matching_parameters(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    frozen = grpo.freeze(model, ["q_proj", "k_proj"])
+    assert len(frozen) == 4  # 2 layers x (q, k)
+    for name, param in model.named_parameters():
+        assert param.requires_grad == (name not in frozen)
+        assert param.requires_grad == ("q_proj" not in name and "k_proj" not in name)
+    with pytest.raises(UserError, match="match no parameter"):
+        grpo.freeze(model, ["no_such_module"])
+    with pytest.raises(UserError, match="every parameter"):
+        grpo.freeze(model, ["."])
+
+
+def test_grpo_leaves_frozen_parameters_untouched(tmp_path, tiny_model_dir, profile_dir):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "frozen"
+    # Weight decay moves every trained weight even where a random model's rewards tie (zero advantages).
+    grpo.run_grpo(*_train_args(tiny_model_dir, profile_dir, out, "--max_steps", "1", "--weight_decay", "0.1",
+                               "--frozen_parameters", "self_attn"))
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    attention = [name for name in before if "self_attn" in name]
+    assert attention and all(before[name].equal(after[name]) for name in attention)
+    assert any(not before[name].equal(after[name]) for name in before if "mlp" in name)
 
 
 def test_grpo_resumes_after_a_kill_with_the_same_alpha_schedule(tmp_path, tiny_model_dir, profile_dir):

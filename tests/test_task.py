@@ -82,3 +82,39 @@ def test_filler_tokens_counts_only_filler_lines(embedded_tokenizer):
     assert task.filler_tokens(embedded_tokenizer, padded) == len(
         embedded_tokenizer("Hmm, is that correct?", add_special_tokens=False)["input_ids"]
     )
+
+
+# Start with 3: +4 -> 7, -5 -> 2, +6 -> 8.
+_PROBLEM = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))
+
+
+@pytest.mark.parametrize(
+    "response, kind",
+    [
+        ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nSo the answer is \\boxed{8}.", None),
+        ("1) 3+4=7\n2) 7-6=1\n3) 1+6=7\nSo the answer is \\boxed{7}.", "operand"),  # step 3's operand in step 2
+        ("1) 3+4=7\n2) 7+5=12\n3) 2+6=8\nSo the answer is \\boxed{8}.", "operand"),  # + for subtract
+        ("1) 3+4=7\n2) 8-5=3\n3) 3+6=9\nSo the answer is \\boxed{9}.", "carry"),
+        ("1) 3+4=7\n2) 7-5=3\n3) 3+6=9\nSo the answer is \\boxed{9}.", "arithmetic"),
+        ("1) 3+4=7\n2) 7-5=2\nSo the answer is \\boxed{2}.", "missing step"),
+        ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nSo the answer is \\boxed{6}.", "final answer"),
+        ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nno box", "final answer"),
+        ("", "missing step"),
+    ],
+)
+def test_first_error_names_what_went_wrong_first(response, kind):
+    assert task.first_error(_PROBLEM, response) == kind
+    assert kind is None or kind in task.ERROR_KINDS
+
+
+def test_first_error_of_rendered_traces():
+    """A trace without a slip has no error; one with a slip starts with an arithmetic error it repairs."""
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        problem = task.sample_problem(rng, rng.randint(task.SLIP_MIN_STEPS, task.MAX_STEPS))
+        trace = task.render_trace(problem, rng)
+        kind = task.first_error(problem, trace)
+        assert kind == (None if "Wait, let me check step" not in trace else "arithmetic")
+        seen.add(kind)
+    assert seen == {None, "arithmetic"}

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -87,6 +88,12 @@ class GRPOStageArgs:
                   "train the budget tag to state their solution length (0 = off, the paper's GRPO)"},
     )
 
+    frozen_parameters: list[str] | None = field(
+        default=None,
+        metadata={"help": "regular expressions (re.search): parameters whose name matches one are not trained, "
+                  "e.g. `self_attn` or `q_proj k_proj` (null or [] = train all)"},
+    )
+
     def __post_init__(self) -> None:
         if self.system_prompt in ("", "null", "None"):  # what a command line can say for "none"
             self.system_prompt = None
@@ -101,6 +108,11 @@ class GRPOStageArgs:
             raise UserError(f"limit must be >= 1, not {self.limit}")
         if not self.rewards:
             raise UserError("rewards is empty: name at least one reward")
+        for pattern in self.frozen_parameters or ():
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise UserError(f"frozen_parameters: {pattern!r} is not a regular expression ({error})") from None
         if not (self.budget_relabel_weight >= 0 and math.isfinite(self.budget_relabel_weight)):
             raise UserError(f"budget_relabel_weight must be a number >= 0, not {self.budget_relabel_weight}")
 
@@ -248,6 +260,22 @@ def _reward_names(funcs: Sequence[Any]) -> list[str]:
     return [getattr(f, "__name__", type(f).__name__) for f in funcs]
 
 
+def freeze(model: Any, patterns: Sequence[str]) -> list[str]:
+    """Stop training the parameters whose name matches one of `patterns` (re.search); returns their names."""
+    regexes = [re.compile(p) for p in patterns]
+    named = list(model.named_parameters())
+    frozen = [(name, param) for name, param in named if any(r.search(name) for r in regexes)]
+    if not frozen:
+        raise UserError(f"frozen_parameters {list(patterns)} match no parameter of the model "
+                        f"(its names look like {named[0][0]!r})")
+    if len(frozen) == len(named):
+        raise UserError(f"frozen_parameters {list(patterns)} match every parameter: nothing would train")
+    for _, param in frozen:
+        param.requires_grad_(False)
+    logger.info("grpo: froze %d of %d parameter tensors (%s)", len(frozen), len(named), ", ".join(patterns))
+    return [name for name, _ in frozen]
+
+
 def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callbacks: list | None = None) -> Path:
     """Train and save; returns `config.output_dir`. Resumes from the last checkpoint there, if any."""
     from datasets import Dataset
@@ -299,6 +327,8 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
         callbacks=callbacks,
         **extra,
     )
+    if stage.frozen_parameters:
+        freeze(trainer.model, stage.frozen_parameters)
     trainer.train(resume_from_checkpoint=resume)
     out = save_final(trainer, tokenizer, config.output_dir)
     logger.info("grpo: saved the model to %s", out)

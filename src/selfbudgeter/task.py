@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import Row, write_jsonl
+from .grading import is_correct
 
 MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
@@ -159,6 +160,31 @@ def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None
         spent += _rough_tokens(line)
     lines.append(f"So the answer is \\boxed{{{problem.answer}}}.")
     return "\n".join(lines)
+
+
+_SOLUTION_STEP = re.compile(r"^\s*(\d+)\) (-?\d+)([+-])(-?\d+)=(-?\d+)\s*$", re.M)
+ERROR_KINDS = ("operand", "carry", "arithmetic", "missing step", "final answer")
+
+
+def first_error(problem: Problem, response: str) -> str | None:
+    """What went wrong first in a response to `problem`, one of ERROR_KINDS, or None if nothing did.
+
+    The first pass of step lines is read in order: a step whose operation or operand is not the question's
+    is an `operand` error (copied from the wrong step), one that starts from another value than the last
+    step's true result a `carry` error, one whose result is not its own sum an `arithmetic` error.
+    """
+    values = problem.values()
+    lines = _SOLUTION_STEP.findall(response)[: problem.steps]
+    for i, (_, a, op, b, c) in enumerate(lines, 1):
+        if (op, int(b)) != problem.ops[i - 1]:
+            return "operand"
+        if int(a) != values[i - 1]:
+            return "carry"
+        if int(c) != (int(a) + int(b) if op == "+" else int(a) - int(b)):
+            return "arithmetic"
+    if len(lines) < problem.steps:
+        return "missing step"
+    return None if is_correct(response, str(problem.answer)) else "final answer"
 
 
 _ESSENTIAL_LINE = re.compile(r"\d+\) \d+[+-]\d+=-?\d+$|So the answer is ")

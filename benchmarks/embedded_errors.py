@@ -1,0 +1,65 @@
+"""What the wrong answers of an embedded-task evaluation got wrong first, by difficulty.
+
+Reads the `items.jsonl` of one or more `selfbudgeter eval` folders on the embedded test split, keeps the
+responses to the model's own budget (no user budget prefilled), and classifies each wrong one with
+`task.first_error`: an operand copied from the wrong step of the question, a carried value, a sum, a
+missing step, or only the final answer. Prints accuracy and the error kinds per number of steps.
+
+    .venv/bin/python benchmarks/embedded_errors.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from selfbudgeter.task import ERROR_KINDS, first_error, load_split, parse_question
+
+
+def breakdown(items: Path) -> tuple[dict[int, list[bool]], dict[int, Counter]]:
+    """(correct flags, error kinds) per difficulty for the own-budget responses in `items`."""
+    questions = {row.id: row.question for row in load_split("test")}
+    correct, kinds = defaultdict(list), defaultdict(Counter)
+    for line in items.read_text().splitlines():
+        item = json.loads(line)
+        if item.get("prefill_budget") is not None:
+            continue
+        if item["id"] not in questions:
+            raise SystemExit(f"{items}: {item['id']} is not an embedded test question")
+        level = item["difficulty"]
+        correct[level].append(bool(item["correct"]))
+        if not item["correct"]:
+            kinds[level][first_error(parse_question(questions[item["id"]]), item["response"]) or "graded wrong"] += 1
+    return correct, kinds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("evals", nargs="+", type=Path, help="`selfbudgeter eval` output folders")
+    args = parser.parse_args()
+    for folder in args.evals:
+        items = folder / "items.jsonl"
+        if not items.exists():
+            parser.error(f"{items} is missing: give the --out folder of `selfbudgeter eval`")
+        correct, kinds = breakdown(items)
+        columns = [*ERROR_KINDS, "graded wrong"]
+        total = Counter()
+        print(f"\n{folder}")
+        print("| steps | n | accuracy | " + " | ".join(columns) + " |")
+        print("|" + "---|" * (3 + len(columns)))
+        for level in sorted(correct):
+            flags = correct[level]
+            total.update(kinds[level])
+            cells = [str(kinds[level][kind]) for kind in columns]
+            print(f"| {level} | {len(flags)} | {sum(flags) / len(flags):.1%} | " + " | ".join(cells) + " |")
+        flags = [flag for level in correct for flag in correct[level]]
+        print(f"| all | {len(flags)} | {sum(flags) / len(flags):.1%} | "
+              + " | ".join(str(total[kind]) for kind in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
