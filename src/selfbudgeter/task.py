@@ -162,7 +162,8 @@ def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None
     return "\n".join(lines)
 
 
-_SOLUTION_STEP = re.compile(r"^\s*(\d+)\) (-?\d+)([+-])(-?\d+)=(-?\d+)\s*$", re.M)
+# A step line as `_step_line` writes it (and a model may get wrong): "3) 7-5=2".
+_STEP_LINE = re.compile(r"(\d+)\) (-?\d+)([+-])(-?\d+)=(-?\d+)$")
 ERROR_KINDS = ("operand", "carry", "arithmetic", "missing step", "final answer")
 
 
@@ -174,7 +175,7 @@ def first_error(problem: Problem, response: str) -> str | None:
     step's true result a `carry` error, one whose result is not its own sum an `arithmetic` error.
     """
     values = problem.values()
-    lines = _SOLUTION_STEP.findall(response)[: problem.steps]
+    lines = [m.groups() for line in response.splitlines() if (m := _STEP_LINE.match(line.strip()))][: problem.steps]
     for i, (_, a, op, b, c) in enumerate(lines, 1):
         if (op, int(b)) != problem.ops[i - 1]:
             return "operand"
@@ -187,15 +188,13 @@ def first_error(problem: Problem, response: str) -> str | None:
     return None if is_correct(response, str(problem.answer)) else "final answer"
 
 
-_ESSENTIAL_LINE = re.compile(r"\d+\) \d+[+-]\d+=-?\d+$|So the answer is ")
-
-
 def split_filler(response: str) -> tuple[str, str]:
     """(essential, filler) lines of a response: the step lines and the answer line are essential; every
     re-check, "Wait, ..." and other line is filler, the part SelfBudgeter should learn to drop."""
     essential, filler = [], []
     for line in response.splitlines():
-        (essential if _ESSENTIAL_LINE.match(line.strip()) else filler).append(line)
+        text = line.strip()
+        (essential if _STEP_LINE.match(text) or text.startswith("So the answer is ") else filler).append(line)
     return "\n".join(essential), "\n".join(filler)
 
 
