@@ -1,8 +1,9 @@
 """What the wrong answers of an embedded-task evaluation got wrong first, by difficulty.
 
 Reads the `items.jsonl` of one or more `selfbudgeter eval` folders on the embedded test split, keeps the
-responses to the model's own budget (no user budget prefilled), and classifies each wrong one with
-`task.first_error`: an operand copied from the wrong step of the question, a carried value, a sum, a
+responses to the model's own budget (no user budget prefilled), and classifies the solution of each wrong
+one (the text inside the solution tags; a model without the budget format, such as the base, is read whole)
+with `task.first_error`: an operand copied from the wrong step of the question, a carried value, a sum, a
 missing step, or only the final answer. Prints accuracy and the error kinds per number of steps.
 
     .venv/bin/python benchmarks/embedded_errors.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
@@ -16,7 +17,22 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from selfbudgeter.format import BUDGET_OPEN, FormatError, try_parse
 from selfbudgeter.task import ERROR_KINDS, first_error, load_split, parse_question
+
+BROKEN = "broken format"  # a response that opens a budget tag but does not parse
+
+
+def error_kind(question: str, response: str) -> str:
+    """The first mistake of a wrong response (ERROR_KINDS), BROKEN, or "graded wrong" if none is found."""
+    parsed = try_parse(response)
+    if isinstance(parsed, FormatError):
+        if BUDGET_OPEN in response:
+            return BROKEN
+        solution = response
+    else:
+        solution = parsed.solution
+    return first_error(parse_question(question), solution) or "graded wrong"
 
 
 def breakdown(items: Path) -> tuple[dict[int, list[bool]], dict[int, Counter]]:
@@ -32,7 +48,7 @@ def breakdown(items: Path) -> tuple[dict[int, list[bool]], dict[int, Counter]]:
         level = item["difficulty"]
         correct[level].append(bool(item["correct"]))
         if not item["correct"]:
-            kinds[level][first_error(parse_question(questions[item["id"]]), item["response"]) or "graded wrong"] += 1
+            kinds[level][error_kind(questions[item["id"]], item["response"])] += 1
     return correct, kinds
 
 
@@ -45,7 +61,7 @@ def main() -> int:
         if not items.exists():
             parser.error(f"{items} is missing: give the --out folder of `selfbudgeter eval`")
         correct, kinds = breakdown(items)
-        columns = [*ERROR_KINDS, "graded wrong"]
+        columns = [*ERROR_KINDS, BROKEN, "graded wrong"]
         total = Counter()
         print(f"\n{folder}")
         print("| steps | n | accuracy | " + " | ".join(columns) + " |")

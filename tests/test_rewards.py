@@ -80,6 +80,8 @@ def total(funcs, completions, **columns):
         ({"wrong_min": -0.4}, "wrong_min"),
         ({"alpha_end": -0.1}, "alpha_end"),
         ({"max_budget": 0}, "max_budget"),
+        ({"alpha_steps": 0}, "alpha_steps"),
+        ({"alpha_steps": -5}, "alpha_steps"),
     ],
 )
 def test_config_rejects_constants_that_break_the_spec(overrides, constant):
@@ -278,6 +280,24 @@ def test_one_value_per_completion(tokenizer):
     for values in call_all(make_reward_funcs(tokenizer), completions):
         assert len(values) == len(completions)
         assert all(isinstance(v, float) for v in values)
+
+
+@pytest.mark.parametrize(
+    "step, max_steps, alpha_steps, expected",
+    [
+        (0, 100, None, 6.0),
+        (50, 100, None, 6.0 - 5.9 * 0.5),
+        (100, 100, None, 0.1),
+        (0, 100, 40, 6.0),
+        (20, 100, 40, 6.0 - 5.9 * 0.5),  # the schedule ends at step 40, not at max_steps
+        (40, 100, 40, 0.1),
+        (90, 100, 40, 0.1),  # after it alpha stays at alpha_end
+    ],
+)
+def test_alpha_schedule_follows_alpha_steps(step, max_steps, alpha_steps, expected):
+    scorer = rewards.SelfBudgeterScorer(None, RewardConfig(alpha_steps=alpha_steps))
+    state = SimpleNamespace(global_step=step, max_steps=max_steps)
+    assert scorer.alpha(state) == pytest.approx(expected)
 
 
 def test_without_trainer_state_alpha_is_alpha_start(tokenizer):

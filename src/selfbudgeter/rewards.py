@@ -54,6 +54,9 @@ class RewardConfig:
     wrong_max: float = -0.5  # sW_max
     alpha_start: float = 6.0
     alpha_end: float = 0.1
+    # Beyond the paper: the step at which alpha reaches alpha_end; later steps keep it (a run can go on at the
+    # final alpha, e.g. with a lower learning rate). None: the whole run (max_steps), the paper's schedule.
+    alpha_steps: int | None = None
     max_budget: int = DEFAULT_MAX_BUDGET  # B_cap
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class RewardConfig:
             )
         if self.alpha_start < 0 or self.alpha_end < 0:
             raise ValueError(f"alpha_start ({self.alpha_start}) and alpha_end ({self.alpha_end}) must be >= 0")
+        if self.alpha_steps is not None and (isinstance(self.alpha_steps, bool) or self.alpha_steps < 1):
+            raise ValueError(f"alpha_steps ({self.alpha_steps}) must be >= 1, or null for the whole run")
         if self.max_budget < 1:
             raise ValueError(f"max_budget ({self.max_budget}) must be >= 1")
 
@@ -273,7 +278,8 @@ class SelfBudgeterScorer:
     def alpha(self, trainer_state: Any) -> float:
         if trainer_state is None:
             return self.cfg.alpha_start
-        return alpha_at(trainer_state.global_step, trainer_state.max_steps, self.cfg.alpha_start, self.cfg.alpha_end)
+        total = self.cfg.alpha_steps or trainer_state.max_steps
+        return alpha_at(trainer_state.global_step, total, self.cfg.alpha_start, self.cfg.alpha_end)
 
     def score(self, response: str, gold: Any) -> ScoredResponse:
         key = _cache_key(response, gold)
@@ -359,7 +365,7 @@ def make_reward_funcs(tokenizer: Any, cfg: RewardConfig | None = None) -> list[R
     `format_reward` is r_fmt for a broken format and 0 otherwise; `budget_penalty_reward` is PB and
     `precise_budget_reward` is S for a well-formed completion, 0 otherwise. Dataset columns used: `answer`
     (gold, required), `b_max` (optional), `prefill_budget` (optional). alpha follows `trainer_state`
-    (global_step / max_steps); without one it is alpha_start.
+    (global_step / max_steps, or / cfg.alpha_steps); without one it is alpha_start.
     """
     scorer = SelfBudgeterScorer(tokenizer, cfg)
     return [
