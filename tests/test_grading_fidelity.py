@@ -5,12 +5,11 @@ Run: .venv/bin/python -m pytest tests/test_grading_fidelity.py   (about 5 s: pla
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import benchmark_script
 from selfbudgeter.data import load_benchmark
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -18,14 +17,7 @@ DATA_DIR = REPO_ROOT.parent / "shared" / "data"
 
 
 def _benchmark_module():
-    if "grading_fidelity" not in sys.modules:
-        path = REPO_ROOT / "benchmarks" / "grading_fidelity.py"
-        spec = importlib.util.spec_from_file_location("grading_fidelity", path)
-        module = importlib.util.module_from_spec(spec)
-        # dataclasses look their module up in sys.modules while the class is created
-        sys.modules["grading_fidelity"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["grading_fidelity"]
+    return benchmark_script("grading_fidelity")
 
 
 @pytest.mark.parametrize("name, rows", [("gsm8k", 1319), ("math500", 500)])

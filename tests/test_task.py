@@ -4,7 +4,9 @@ import random
 
 import pytest
 
+from conftest import benchmark_script
 from selfbudgeter import task
+from selfbudgeter.format import render_response
 from selfbudgeter.grading import is_correct
 
 
@@ -118,3 +120,18 @@ def test_first_error_of_rendered_traces():
         assert kind == (None if "Wait, let me check step" not in trace else "arithmetic")
         seen.add(kind)
     assert seen == {None, "arithmetic"}
+
+
+@pytest.mark.parametrize(
+    "response, kind",
+    [
+        # budget format: the first step shares its line with the tags and must still be read as step 1
+        (render_response(30, "1) 3+4=7\n2) 7-5=3\n3) 3+6=9\nSo the answer is \\boxed{9}."), "arithmetic"),
+        (render_response(30, "1) 3+4=7\n2) 7-6=1\n3) 1+6=7\nSo the answer is \\boxed{7}."), "operand"),
+        (render_response(30, "1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nSo the answer is \\boxed{6}."), "final answer"),
+        ("1) 3+4=7\n2) 8-5=3\n3) 3+6=9\nSo the answer is \\boxed{9}.", "carry"),  # no tags (a base model)
+        ("<budget>30</budget><solution>1) 3+4=7\nSo the answer", "broken format"),
+    ],
+)
+def test_embedded_errors_reads_the_solution_inside_the_tags(response, kind):
+    assert benchmark_script("embedded_errors").error_kind(_PROBLEM.question(), response) == kind
