@@ -37,6 +37,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "polish60": ("the recipe's 75 steps, then 60 more at the final alpha (0.1) and a tenth of the learning rate",
                  ["--max_steps", "135", "--alpha_steps", "75", "--lr_scheduler_type", "warmup_stable_decay",
                   "--lr_scheduler_kwargs", '{"num_stable_steps": 70, "num_decay_steps": 1, "min_lr_ratio": 0.1}']),
+    "relabel_median": ("relabelled budgets state the median length of their prompt's rollouts, not their own",
+                       ["--budget_relabel_target", "group_median"]),
     "temperature09": ("rollouts at T 0.9", ["--temperature", "0.9"]),
     "frozen_attention": ("attention weights not trained (MLPs, norms, embeddings are)",
                          ["--frozen_parameters", "self_attn"]),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from selfbudgeter import grpo
+from selfbudgeter.errors import UserError
 from selfbudgeter.format import render_prefill, render_response, token_length
 from selfbudgeter.relabel import relabel_batch, relabel_targets
 from selfbudgeter.rewards import SelfBudgeterScorer
@@ -36,6 +37,28 @@ def test_only_correct_well_formed_own_budgets_are_relabelled(scorer, embedded_to
                                                              {"answer": "7", "prefill_budget": float("nan")}]
     tag = render_prefill(length)
     assert relabel_targets(scorer, completions, rows) == [tag, None, None, None, tag]
+
+
+def test_group_median_gives_each_prompt_one_budget(scorer, embedded_tokenizer):
+    short, long_ = SOLUTION, "1) 3+4=7\nCheck step 1: 3+4=7. Yes.\nSo the answer is \\boxed{7}."
+    lengths = [token_length(embedded_tokenizer, text) for text in (short, long_)]
+    assert lengths[0] < lengths[1]
+    completions = [render_response(50, text) for text in (short, short, long_, long_.replace("{7}", "{8}"))]
+    completions += [render_response(50, long_), render_response(50, long_)]
+    rows = [{"prompt": "a", "answer": "7", "prefill_budget": None}] * 4
+    rows += [{"prompt": "b", "answer": "7", "prefill_budget": None}] * 2
+    own = relabel_targets(scorer, completions, rows)
+    median = relabel_targets(scorer, completions, rows, "group_median")
+    assert own == [render_prefill(lengths[0])] * 2 + [render_prefill(lengths[1]), None] + [render_prefill(lengths[1])] * 2
+    # prompt a: correct lengths (short, short, long) -> median short; the wrong answer still teaches nothing
+    assert median == [render_prefill(lengths[0])] * 3 + [None] + [render_prefill(lengths[1])] * 2
+
+
+def test_unknown_relabel_target_is_an_error(scorer):
+    with pytest.raises(ValueError, match="group_median"):
+        relabel_targets(scorer, [], [], "mean")
+    with pytest.raises(UserError, match="budget_relabel_target"):
+        grpo.GRPOStageArgs(budget_relabel_target="mean")
 
 
 def test_relabel_batch_trains_only_the_budget_tag(embedded_tokenizer):

@@ -87,6 +87,11 @@ class GRPOStageArgs:
         metadata={"help": "weight of hindsight budget relabelling: correct rollouts with their own budget also "
                   "train the budget tag to state their solution length (0 = off, the paper's GRPO)"},
     )
+    budget_relabel_target: str = field(
+        default="own",
+        metadata={"help": "what a relabelled budget states: `own` (the rollout's length) or `group_median` "
+                  "(the median length of its prompt's relabelled rollouts)"},
+    )
 
     frozen_parameters: list[str] | None = field(
         default=None,
@@ -113,6 +118,12 @@ class GRPOStageArgs:
                 re.compile(pattern)
             except re.error as error:
                 raise UserError(f"frozen_parameters: {pattern!r} is not a regular expression ({error})") from None
+        from .relabel import TARGETS
+
+        if self.budget_relabel_target not in TARGETS:
+            raise UserError(
+                f"budget_relabel_target must be one of {', '.join(TARGETS)}, not {self.budget_relabel_target!r}"
+            )
         if not (self.budget_relabel_weight >= 0 and math.isfinite(self.budget_relabel_weight)):
             raise UserError(f"budget_relabel_weight must be a number >= 0, not {self.budget_relabel_weight}")
 
@@ -317,7 +328,9 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
         # The SelfBudgeter reward's scorer, when there is one, so that each completion is graded once.
         scorer = next((f.scorer for f in reward_funcs if isinstance(getattr(f, "scorer", None), SelfBudgeterScorer)),
                       None) or SelfBudgeterScorer(tokenizer, reward_cfg)
-        trainer_class, extra = RelabelGRPOTrainer, {"scorer": scorer, "weight": stage.budget_relabel_weight}
+        trainer_class, extra = RelabelGRPOTrainer, {
+            "scorer": scorer, "weight": stage.budget_relabel_weight, "target": stage.budget_relabel_target
+        }
     trainer = trainer_class(
         model=source,
         reward_funcs=reward_funcs,

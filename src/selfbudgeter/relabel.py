@@ -13,10 +13,16 @@ answered correctly is also a cold-start example of what the model now writes. It
 ordinary next-token loss (weight `budget_relabel_weight`) next to the GRPO loss. The rollouts, rewards,
 advantages and alpha schedule are GRPO's own; only the budget tokens get this second teacher. Responses
 with a prefilled (user) budget are not relabelled: their budget was not the model's.
+
+The target is each rollout's own length (`own`), or the median length of the relabelled rollouts of its
+prompt in the batch (`group_median`): then the tag learns one number per question, where `own` teaches it to
+reproduce the spread of lengths the rollout temperature gives.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,22 +32,32 @@ from trl import GRPOTrainer
 from .format import render_prefill
 from .rewards import SelfBudgeterScorer
 
+TARGETS = ("own", "group_median")
+
 
 def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str],
-                    rows: Sequence[dict[str, Any]]) -> list[str | None]:
-    """Per completion, its budget tag restated with its measured solution length, or None when it teaches
+                    rows: Sequence[dict[str, Any]], target: str = "own") -> list[str | None]:
+    """Per completion, its budget tag restated with a measured solution length (its own, or with
+    `group_median` the median over the relabelled completions of the same prompt), or None when it teaches
     nothing (a broken format, a wrong answer, a budget the user prefilled)."""
+    if target not in TARGETS:
+        raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
     golds = [row.get("answer") for row in rows]
     prefills = [row.get("prefill_budget") for row in rows]
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
-    targets: list[str | None] = []
+    lengths: list[int | None] = []
     for item, prefill in zip(scored, prefills):
         own = prefill is None or prefill != prefill  # a NaN from a pandas column is "no prefill"
-        if not (own and item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget):
-            targets.append(None)
-        else:
-            targets.append(render_prefill(item.length))
-    return targets
+        ok = own and item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget
+        lengths.append(item.length if ok else None)
+    if target == "group_median":
+        groups: dict[Any, list[int]] = defaultdict(list)
+        for row, length in zip(rows, lengths):
+            if length is not None:
+                groups[row.get("prompt")].append(length)
+        lengths = [None if n is None else statistics.median_low(groups[row.get("prompt")])
+                   for row, n in zip(rows, lengths)]
+    return [None if n is None else render_prefill(n) for n in lengths]
 
 
 def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -68,16 +84,17 @@ def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.T
 class RelabelGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` plus the hindsight budget loss, `weight` x next-token loss on relabelled budget tags."""
 
-    def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, **kwargs: Any):
+    def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, target: str = "own", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.budget_scorer = scorer
         self.relabel_weight = weight
+        self.relabel_target = target
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         ids = [row[mask.bool()] for row, mask in zip(output["completion_ids"], output["completion_mask"])]
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
-        targets = relabel_targets(self.budget_scorer, texts, inputs)
+        targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["relabel/share"].append(sum(t is not None for t in targets) / max(1, len(targets)))
         output.update(relabel_batch(self.processing_class, output["prompt_ids"], output["prompt_mask"], targets))
