@@ -92,7 +92,7 @@ def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir
 
     # A random model never writes a correct closed solution; pretend every rollout did, with 9 tokens.
     monkeypatch.setattr(relabel, "relabel_targets",
-                        lambda scorer, completions, rows: [render_prefill(9)] * len(completions))
+                        lambda scorer, completions, rows, target="own": [render_prefill(9)] * len(completions))
     profile = tmp_path / "profile"
     profile.mkdir()
     (profile / "questions.jsonl").write_text(
