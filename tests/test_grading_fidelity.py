@@ -5,26 +5,18 @@ Run: .venv/bin/python -m pytest tests/test_grading_fidelity.py   (about 5 s: pla
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from conftest import SHARED_DATA as DATA_DIR
 from conftest import benchmark_script
 from selfbudgeter.data import load_benchmark
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-
-
-def _benchmark_module():
-    return benchmark_script("grading_fidelity")
 
 
 @pytest.mark.parametrize("name, rows", [("gsm8k", 1319), ("math500", 500)])
 def test_fidelity(name, rows):
     if not (DATA_DIR / name / "test.jsonl").is_file():
         pytest.skip(f"benchmark copies not found at {DATA_DIR}")
-    fidelity = _benchmark_module()
+    fidelity = benchmark_script("grading_fidelity")
     result = fidelity.run(name, load_benchmark(name, data_dir=DATA_DIR), seed=0)
     assert result.own_total == rows
     assert result.other_total >= 0.95 * rows  # only a few pairs share an answer
@@ -33,7 +25,7 @@ def test_fidelity(name, rows):
 
 
 def test_derangement_has_no_fixed_point():
-    fidelity = _benchmark_module()
+    fidelity = benchmark_script("grading_fidelity")
     for n in (2, 3, 10, 500):
         order = fidelity.derangement(n, seed=1)
         assert sorted(order) == list(range(n))
