@@ -10,7 +10,8 @@ one table row per variant.
 
 Each variant takes 4 to 12 minutes on a 2-core CPU; finished variants (an eval folder with metrics.json)
 are skipped on a rerun, and those the demo ran itself (the recipe; the baselines after `demo --baselines`)
-are read from the demo folder. The rows are written to OUT/variants.json and OUT/variants.md.
+are read from the demo folder. The rows are written to OUT/variants.json and OUT/variants.md, the package
+versions and machine to OUT/environment.json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from selfbudgeter.report import environment
 
 # name -> (what it changes, overrides of embedded/grpo). "recipe" is the demo's own GRPO run, read from the demo.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -129,6 +132,7 @@ def main() -> int:
         print(table(rows[-1:]).splitlines()[-1], flush=True)
     (args.out / "variants.json").write_text(json.dumps(rows, indent=2) + "\n")
     (args.out / "variants.md").write_text(table(rows) + "\n")
+    (args.out / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
     print(table(rows))
     return 0
 

@@ -117,6 +117,19 @@ def test_report_md_has_the_table_and_embeds_every_plot(built):
     assert "## User-budget control" in text
 
 
+def test_report_records_the_environment_that_made_it(built):
+    import torch
+    import transformers
+
+    out, _ = built
+    env = json.loads((out / "environment.json").read_text())
+    assert env["packages"]["torch"] == torch.__version__
+    assert env["packages"]["transformers"] == transformers.__version__
+    assert env["cpus"] >= 1
+    last = (out / "report.md").read_text().strip().splitlines()[-1]
+    assert last.startswith("Made with Python ") and f"torch {torch.__version__}" in last
+
+
 def test_plots_without_data_are_skipped(tmp_path):
     run = write_run(tmp_path / "base", synthetic_records("plain"))
     build_report({"base": run}, tmp_path / "out", baseline=None)

@@ -3,7 +3,8 @@
 Each run is an evaluation folder holding `items.jsonl` (one record per graded response, schema in
 `metrics.py`) and the evaluator's `metrics.json`. Metrics are recomputed from the items so every run is
 summarised by the same code and compression is measured against one baseline run. Output in `--out`:
-`metrics.json` (one entry per run), `report.md` and five PNG plots.
+`metrics.json` (one entry per run), `report.md`, five PNG plots and `environment.json` (the package
+versions and machine that produced them: the same seed can give other numbers under other versions).
 
     selfbudgeter report --run base=runs/eval/base --run selfbudgeter=runs/eval/sb --baseline base --out runs/report
 """
@@ -112,9 +113,50 @@ def build_report(runs: Mapping[str, Path], out_dir: Path, baseline: str | None =
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summaries, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     plots = write_plots(records, summaries, out_dir)
-    (out_dir / "report.md").write_text(render_markdown(summaries, plots, baseline), encoding="utf-8")
+    env = environment()
+    (out_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+    markdown = render_markdown(summaries, plots, baseline) + f"\nMade with {describe_environment(env)}.\n"
+    (out_dir / "report.md").write_text(markdown, encoding="utf-8")
     logger.info("report for %d runs written to %s", len(runs), out_dir)
     return summaries
+
+
+ENVIRONMENT_PACKAGES = ("torch", "transformers", "trl", "accelerate", "datasets", "tokenizers", "peft", "vllm",
+                        "math-verify", "selfbudgeter")
+
+
+def environment() -> dict[str, Any]:
+    """The Python, package versions (None: not installed), CPU count and accelerator of this process."""
+    import os
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    try:
+        import torch
+
+        accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        accelerator = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "accelerator": accelerator,
+        "packages": {name: version(name) for name in ENVIRONMENT_PACKAGES},
+    }
+
+
+def describe_environment(env: Mapping[str, Any]) -> str:
+    """One line: `Python 3.11.7, torch 2.13.0+cpu, ...; 2 CPUs, no GPU`."""
+    packages = ", ".join(f"{name} {v}" for name, v in env["packages"].items() if v and name != "selfbudgeter")
+    device = env["accelerator"] or "no GPU"
+    return f"Python {env['python']}, {packages}; {env['cpus']} CPUs, {device}"
 
 
 # --- the table --------------------------------------------------------------------------------------------
