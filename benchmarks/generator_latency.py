@@ -75,7 +75,8 @@ def time_to_budget(gen: BudgetGenerator, rows, args) -> dict:
     for source, budget in (("user", args.budget), ("model", None)):
         handles = []
         for i, row in enumerate(rows):
-            request = GenerationRequest(row.question, budget=budget, max_new_tokens=args.max_new_tokens, seed=args.seed + i)
+            request = GenerationRequest(row.question, budget=budget, max_new_tokens=args.max_new_tokens,
+                                        seed=args.seed + i)
             handles.append(gen.submit(request))
             handles[-1].result()  # one at a time: a batch would mix the timings of its rows
         finals = [h.result() for h in handles]
@@ -84,7 +85,8 @@ def time_to_budget(gen: BudgetGenerator, rows, args) -> dict:
         out[source] = {
             "requests": len(finals),
             "with_budget": len(with_budget),
-            "seconds_to_budget_median": statistics.median(f.seconds_to_budget for f in with_budget) if with_budget else None,
+            "seconds_to_budget_median": (statistics.median(f.seconds_to_budget for f in with_budget)
+                                         if with_budget else None),
             "seconds_total_median": statistics.median(f.seconds_total for f in finals),
             "ratio_median": statistics.median(ratios) if ratios else None,
             "ratio_max": max(ratios) if ratios else None,
@@ -206,6 +208,10 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def median_max(timing: dict) -> str:
+    return f"{_fmt(timing.get('median_ms'))} / {_fmt(timing.get('max_ms'))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     rows = load_benchmark("embedded", "test", limit=args.n)
@@ -233,14 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         ("user budget: to-budget / total (median)", ttb["user"]["ratio_median"]),
         ("model budget: responses with a budget", f"{ttb['model']['with_budget']}/{ttb['model']['requests']}"),
         ("model budget: to-budget / total (median)", ttb["model"]["ratio_median"]),
-        ("stop -> final, alone (median / max ms)", f"{_fmt(stop['alone'].get('median_ms'))} / {_fmt(stop['alone'].get('max_ms'))}"),
-        (
-            f"stop -> final, batch of {args.batch} (median / max ms)",
-            f"{_fmt(stop[f'batch_of_{args.batch}'].get('median_ms'))} / {_fmt(stop[f'batch_of_{args.batch}'].get('max_ms'))}",
-        ),
-        ("answer-now: answered early / with answer / correct", f"{ans['answered_early']} / {ans['with_answer']} / {ans['correct']} of {ans['requests']}"),
+        ("stop -> final, alone (median / max ms)", median_max(stop["alone"])),
+        (f"stop -> final, batch of {args.batch} (median / max ms)", median_max(stop[f"batch_of_{args.batch}"])),
+        ("answer-now: answered early / with answer / correct",
+         f"{ans['answered_early']} / {ans['with_answer']} / {ans['correct']} of {ans['requests']}"),
         ("answer-now -> final (median ms)", ans["answer_now_to_final"].get("median_ms")),
-        (f"enforcement: used <= {enf['bound']} (budget {enf['budget']})", f"{enf['within_bound']}/{enf['requests']} (max used {enf['used_tokens_max']})"),
+        (f"enforcement: used <= {enf['bound']} (budget {enf['budget']})",
+         f"{enf['within_bound']}/{enf['requests']} (max used {enf['used_tokens_max']})"),
     ]
     width = max(len(name) for name, _ in table)
     for name, value in table:

@@ -13,7 +13,8 @@ Time to budget is measured by the caller, from sending the request to receiving 
 chunk on the server; the BudgetEvent on the library). The base model was not trained to state a budget, so
 by default each request pre-fills one (`--budget 64`); `--budget model` lets a trained model state its own.
 
-    .venv/bin/python benchmarks/server_load.py [--requests 32] [--max-tokens 64] [--budget 64] [--repeats 3] [--out load.json]
+    .venv/bin/python benchmarks/server_load.py [--requests 32] [--max-tokens 64] [--budget 64] [--repeats 3]
+                                               [--out load.json]
 
 Counts and times are pooled over the repeats (wall_seconds and tokens are totals over all rounds).
 """
@@ -179,7 +180,8 @@ def table(results: dict[str, dict], ratio: dict[str, float | None]) -> str:
 
     keys = ["requests", "errors", "time_to_budget_p50_s", "time_to_budget_p95_s", "latency_p50_s", "latency_p95_s",
             "tokens", "batches", "wall_seconds", "tokens_per_second"]
-    lines = [f"| {'metric':<22} | {'library':>10} | {'server':>10} | {'server/library':>14} |", f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 16}|"]
+    lines = [f"| {'metric':<22} | {'library':>10} | {'server':>10} | {'server/library':>14} |",
+             f"|{'-' * 24}|{'-' * 12}|{'-' * 12}|{'-' * 16}|"]
     for key in keys:
         lines.append(f"| {key:<22} | {cell(results['library'][key]):>10} | {cell(results['server'][key]):>10} | "
                      f"{cell(ratio.get(key)):>14} |")
@@ -253,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
                     "wall_seconds", "tokens_per_second")
     }
     load = [round(x, 2) for x in os.getloadavg()]  # a shared machine skews both runs: say how busy it was
-    print(f"{args.repeats} x {args.requests} concurrent streaming requests, max {args.max_tokens} tokens, budget {args.budget}, "
-          f"model: {model_name}, device: {args.device}, load average {load} on {os.cpu_count()} CPUs")
+    print(f"{args.repeats} x {args.requests} concurrent streaming requests, max {args.max_tokens} tokens, "
+          f"budget {args.budget}, model: {model_name}, device: {args.device}, "
+          f"load average {load} on {os.cpu_count()} CPUs")
     print(table(results, ratio))
     for run in (library, served):
         for error in run.errors[:5]:

@@ -19,7 +19,8 @@ from selfbudgeter.sft import cpu_only, last_checkpoint
 
 
 def _questions(n: int) -> list[Row]:
-    return [Row(id=f"q{i}", question=f"Start with {i}. 1) add 3. What is the final number?", answer=str(i + 3)) for i in range(n)]
+    question = "Start with {}. 1) add 3. What is the final number?"
+    return [Row(id=f"q{i}", question=question.format(i), answer=str(i + 3)) for i in range(n)]
 
 
 def _stage(**kwargs) -> grpo.GRPOStageArgs:

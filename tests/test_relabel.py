@@ -49,7 +49,8 @@ def test_group_median_gives_each_prompt_one_budget(scorer, embedded_tokenizer):
     rows += [{"prompt": "b", "answer": "7", "prefill_budget": None}] * 2
     own = relabel_targets(scorer, completions, rows)
     median = relabel_targets(scorer, completions, rows, "group_median")
-    assert own == [render_prefill(lengths[0])] * 2 + [render_prefill(lengths[1]), None] + [render_prefill(lengths[1])] * 2
+    first, second = render_prefill(lengths[0]), render_prefill(lengths[1])
+    assert own == [first] * 2 + [second, None] + [second] * 2
     # prompt a: correct lengths (short, short, long) -> median short; the wrong answer still teaches nothing
     assert median == [render_prefill(lengths[0])] * 3 + [None] + [render_prefill(lengths[1])] * 2
 

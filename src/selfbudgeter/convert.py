@@ -46,7 +46,9 @@ class ImportConfig:
     gguf_name: str | None = field(
         default=None, metadata={"help": "which GGUF file of --from-package, when it ships several"}
     )
-    dtype: str = field(default="float32", metadata={"help": "dtype to store the dequantised weights in", "choices": DTYPES})
+    dtype: str = field(
+        default="float32", metadata={"help": "dtype to store the dequantised weights in", "choices": DTYPES}
+    )
     overwrite: bool = field(default=False, metadata={"help": "convert again even if --out already holds this file"})
 
     def __post_init__(self) -> None:

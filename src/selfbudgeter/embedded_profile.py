@@ -55,7 +55,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfbudgeter inspect-base",
         description="Profile the embedded base model on the 400 held-out test questions (one response each, "
-        "greedy unless --temperature is given): accuracy, length, length over the minimal solution, and the share of filler tokens.",
+        "greedy unless --temperature is given): accuracy, length, length over the minimal solution, and the "
+        "share of filler tokens.",
     )
     parser.add_argument("--model", default="embedded", help="model to inspect (default: the shipped base)")
     parser.add_argument("--out", type=Path, default=Path("runs/inspect-base"), help="profile folder")

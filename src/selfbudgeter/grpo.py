@@ -221,7 +221,8 @@ def build_rows(
     if stage.limit is not None:
         questions = questions[: stage.limit]
     if not questions:
-        raise UserError("no questions to train on" + (" (none of them is in the profile)" if stage.profile_only else ""))
+        reason = " (none of them is in the profile)" if stage.profile_only else ""
+        raise UserError(f"no questions to train on{reason}")
     b_maxes = [b_max.get(q.id) for q in questions]
     prefills = sample_prefills(b_maxes, stage.prefill_fraction, stage.prefill_min, stage.prefill_max, seed, max_budget)
     rows = []

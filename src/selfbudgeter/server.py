@@ -602,8 +602,9 @@ def create_app(generator: Any, config: ServerConfig | None = None):
     @app.get("/metrics")
     async def metrics(request: Request):
         snapshot = state.metrics.snapshot(len(state.live), state.stats())
+        accept = request.headers.get("accept", "")
         wants_text = request.query_params.get("format") == "prometheus" or (
-            "text/plain" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""))
+            "text/plain" in accept and "application/json" not in accept)
         if wants_text:
             return PlainTextResponse(Metrics.prometheus(snapshot), media_type="text/plain; version=0.0.4")
         return snapshot
@@ -695,8 +696,8 @@ def create_app(generator: Any, config: ServerConfig | None = None):
                     final = event
                     extra = {"finish_detail": final.finish_reason}
                     usage = tracker.usage(final) if params.continuous_usage else None
-                    yield _sse(chunk(cid, {"answer": final.answer}, finish=FINISH_REASONS.get(final.finish_reason, "stop"),
-                                     extra=extra, usage=usage))
+                    finish = FINISH_REASONS.get(final.finish_reason, "stop")
+                    yield _sse(chunk(cid, {"answer": final.answer}, finish=finish, extra=extra, usage=usage))
                     state.finish(cid, final)
                     if params.include_usage:
                         yield _sse(chunk(cid, None, usage=tracker.usage(final)))
@@ -829,7 +830,8 @@ def make_parser() -> argparse.ArgumentParser:
         "budget streaming, stop and answer-now, plus a web page at /. The model is loaded once, at start-up.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="Example: selfbudgeter serve --model runs/demo/grpo --port 8000, then open http://127.0.0.1:8000/ "
-        f"or use the openai client with base_url=http://127.0.0.1:8000/v1. The API key may also come from ${API_KEY_ENV}.",
+        "or use the openai client with base_url=http://127.0.0.1:8000/v1. "
+        f"The API key may also come from ${API_KEY_ENV}.",
     )
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="model directory (or `embedded`, or a cached hub id) to serve")
@@ -848,7 +850,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="by default, make the model answer once it uses budget*(1+slack) tokens")
     parser.add_argument("--budget-slack", type=float, default=0.2, help="default slack for budget enforcement")
     parser.add_argument("--effort-budgets", type=_effort_budgets, default=dict(EFFORT_BUDGETS), metavar="NAME=N,...",
-                        help="reasoning_effort presets to change, e.g. low=128,high=2048 (`medium=model`: the model decides)")
+                        help="reasoning_effort presets to change, e.g. low=128,high=2048 "
+                        "(`medium=model`: the model decides)")
     parser.add_argument("--backend", default="transformers", choices=BACKENDS,
                         help="generation backend: transformers (any device) or vllm (CUDA GPUs, "
                         "pip install 'selfbudgeter[vllm]')")
