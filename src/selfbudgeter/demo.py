@@ -167,7 +167,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
-    parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~20 min) "
+    parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~45 min) "
                         "instead of copying the shipped one")
     parser.add_argument("--baselines", action="store_true",
                         help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")

@@ -142,8 +142,9 @@ def train_base(cfg: BaseTrainConfig) -> Path:
     Training runs in `cfg.rounds` rounds of one pass over fresh traces each (round r draws its filler with
     seed + r - 1 and starts from round r-1's weights with half its peak learning rate), because one cosine
     pass is not enough for the model to find the right operand of a step: measured greedy accuracy on 80
-    test questions was 20% after round 1 and 99% after round 2 (about 22 minutes a round on 2 cores). A finished round is kept
-    in `.<out>-work/round-r/model` and skipped on a rerun; an unfinished one resumes from its checkpoint.
+    test questions was 20% after round 1 and 99% after round 2 (about 22 minutes a round on 2 cores). A
+    finished round is kept in `.<out>-work/round-r/model` and skipped on a rerun; an unfinished one resumes
+    from its checkpoint.
     """
     from transformers import AutoModelForCausalLM, set_seed
 
