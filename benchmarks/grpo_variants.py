@@ -47,6 +47,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "relabel2": ("budget relabelling at twice the weight (2.0)", ["--budget_relabel_weight", "2"]),
     "relabel_median": ("relabelled budgets state the median length of their prompt's rollouts, not their own",
                        ["--budget_relabel_target", "group_median"]),
+    "relabel_response": ("relabelling trains the whole relabelled response, not the budget tag alone",
+                         ["--budget_relabel_scope", "response"]),
     "temperature09": ("rollouts at T 0.9", ["--temperature", "0.9"]),
     "frozen_attention": ("attention weights not trained (MLPs, norms, embeddings are)",
                          ["--frozen_parameters", "self_attn"]),

@@ -80,6 +80,17 @@ def test_relabel_batch_trains_only_the_budget_tag(embedded_tokenizer):
     assert (labels[:, :width] == -100).all()  # the prompt is never a label
 
 
+def test_relabel_batch_of_whole_responses_trains_the_end_of_turn(embedded_tokenizer):
+    tok = embedded_tokenizer
+    prompt = tok.encode("<|user|>a\n<|assistant|>")
+    target = render_response(12, SOLUTION)
+    batch = relabel_batch(tok, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), [target],
+                          end_turn=True)
+    trained = batch["relabel_labels"][0][batch["relabel_labels"][0] != -100].tolist()
+    assert trained == tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
+    assert batch["relabel_ids"][0, len(prompt):].tolist() == trained
+
+
 @pytest.mark.parametrize("bad", ["-1", "nan"])
 def test_negative_or_nan_weight_is_a_user_error(bad):
     from selfbudgeter.errors import UserError
@@ -88,12 +99,19 @@ def test_negative_or_nan_weight_is_a_user_error(bad):
         grpo.parse_args(["--config", "embedded/grpo", "--budget_relabel_weight", bad])
 
 
-def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("scope", ["tag", "response"])
+def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch, scope):
     import selfbudgeter.relabel as relabel
 
     # A random model never writes a correct closed solution; pretend every rollout did, with 9 tokens.
-    monkeypatch.setattr(relabel, "relabel_targets",
-                        lambda scorer, completions, rows, target="own": [render_prefill(9)] * len(completions))
+    target = render_prefill(9) if scope == "tag" else render_response(9, SOLUTION)
+    seen = []
+
+    def targets(scorer, completions, rows, target_kind="own", scope="tag"):
+        seen.append(scope)
+        return [target] * len(completions)
+
+    monkeypatch.setattr(relabel, "relabel_targets", targets)
     profile = tmp_path / "profile"
     profile.mkdir()
     (profile / "questions.jsonl").write_text(
@@ -104,11 +122,12 @@ def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir
         "--config", "embedded/grpo", "--model", str(tiny_model_dir), "--profile", str(profile),
         "--output_dir", str(out), "--limit", "8", "--num_generations", "2", "--per_device_train_batch_size", "4",
         "--max_completion_length", "12", "--warmup_steps", "0", "--max_steps", "3", "--save_steps", "3",
-        "--learning_rate", "1e-2", "--budget_relabel_weight", "1.0",
+        "--learning_rate", "1e-2", "--budget_relabel_weight", "1.0", "--budget_relabel_scope", scope,
     ])  # fmt: skip
     grpo.run_grpo(stage, reward_cfg, config)
+    assert seen and set(seen) == {scope}
     logged = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"][:3]
     assert [entry["relabel/share"] for entry in logged] == [1.0, 1.0, 1.0]
     losses = [entry["relabel/loss"] for entry in logged]
-    # The tag is learnt: its next-token loss falls from a random model's ~log(vocab).
+    # The target is learnt: its next-token loss falls from a random model's ~log(vocab).
     assert losses[0] > 3.0 and losses[-1] < losses[0]

@@ -135,3 +135,19 @@ def test_first_error_of_rendered_traces():
 )
 def test_embedded_errors_reads_the_solution_inside_the_tags(response, kind):
     assert benchmark_script("embedded_errors").error_kind(_PROBLEM.question(), response) == kind
+
+
+def test_budget_misses_separates_filler_that_follows_the_budget_from_filler_that_does_not():
+    summary = benchmark_script("budget_misses").summary
+    # Needed steps are 20 tokens; each budget leaves a slack of 0, 10 or 20 tokens.
+    budgets = [20, 30, 40] * 2
+    follows = [{"budget": b, "length": b, "filler_tokens": b - 20} for b in budgets]
+    ignores = [{"budget": b, "length": 30, "filler_tokens": 10} for b in budgets[:3]]
+    ignores += [{"budget": b, "length": 20 + f, "filler_tokens": f} for b, f in zip(budgets[3:], (20, 10, 0))]
+    planned, unplanned = summary(follows), summary(ignores)
+    assert planned["within ±20%"] == 1.0 and planned["slope"] == pytest.approx(1.0)
+    assert planned["filler~slack r"] == pytest.approx(1.0)
+    assert unplanned["slope"] < 0 and unplanned["filler~slack r"] < 0
+    # 30 and 40 tokens written to a budget of 20 are over it; 30 and 20 written to a budget of 40 are under it
+    assert (unplanned["under"], unplanned["over"]) == (2, 2) and unplanned["within ±20%"] == pytest.approx(2 / 6)
+    assert unplanned["needed"] == pytest.approx(20.0) and unplanned["filler"] == pytest.approx(10.0)

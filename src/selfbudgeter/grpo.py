@@ -92,6 +92,11 @@ class GRPOStageArgs:
         metadata={"help": "what a relabelled budget states: `own` (the rollout's length) or `group_median` "
                   "(the median length of its prompt's relabelled rollouts)"},
     )
+    budget_relabel_scope: str = field(
+        default="tag",
+        metadata={"help": "what relabelling trains: `tag` (the budget tag alone) or `response` (the relabelled "
+                  "tag, the solution that followed it and the end of the turn)"},
+    )
 
     frozen_parameters: list[str] | None = field(
         default=None,
@@ -118,11 +123,15 @@ class GRPOStageArgs:
                 re.compile(pattern)
             except re.error as error:
                 raise UserError(f"frozen_parameters: {pattern!r} is not a regular expression ({error})") from None
-        from .relabel import TARGETS
+        from .relabel import SCOPES, TARGETS
 
         if self.budget_relabel_target not in TARGETS:
             raise UserError(
                 f"budget_relabel_target must be one of {', '.join(TARGETS)}, not {self.budget_relabel_target!r}"
+            )
+        if self.budget_relabel_scope not in SCOPES:
+            raise UserError(
+                f"budget_relabel_scope must be one of {', '.join(SCOPES)}, not {self.budget_relabel_scope!r}"
             )
         if not (self.budget_relabel_weight >= 0 and math.isfinite(self.budget_relabel_weight)):
             raise UserError(f"budget_relabel_weight must be a number >= 0, not {self.budget_relabel_weight}")
@@ -330,7 +339,8 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
         scorer = next((f.scorer for f in reward_funcs if isinstance(getattr(f, "scorer", None), SelfBudgeterScorer)),
                       None) or SelfBudgeterScorer(tokenizer, reward_cfg)
         trainer_class, extra = RelabelGRPOTrainer, {
-            "scorer": scorer, "weight": stage.budget_relabel_weight, "target": stage.budget_relabel_target
+            "scorer": scorer, "weight": stage.budget_relabel_weight, "target": stage.budget_relabel_target,
+            "scope": stage.budget_relabel_scope,
         }
     trainer = trainer_class(
         model=source,

@@ -17,6 +17,12 @@ with a prefilled (user) budget are not relabelled: their budget was not the mode
 The target is each rollout's own length (`own`), or the median length of the relabelled rollouts of its
 prompt in the batch (`group_median`): then the tag learns one number per question, where `own` teaches it to
 reproduce the spread of lengths the rollout temperature gives.
+
+The scope is the budget tag alone (`tag`), or the whole relabelled response (`response`): the tag, the
+solution that followed it and the end of the turn, as in hindsight experience replay, where a goal is
+rewritten to the outcome reached and the policy is trained to reach it. Then the solution, too, learns from
+each example that a budget of l is followed by l tokens: where `tag` teaches the budget to predict the
+solution, `response` also teaches the solution to follow the budget.
 """
 
 from __future__ import annotations
@@ -29,19 +35,23 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .format import render_prefill
+from .format import FormatError, render_prefill, render_response, try_parse
 from .rewards import SelfBudgeterScorer
 
 TARGETS = ("own", "group_median")
+SCOPES = ("tag", "response")
 
 
-def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str],
-                    rows: Sequence[dict[str, Any]], target: str = "own") -> list[str | None]:
+def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows: Sequence[dict[str, Any]],
+                    target: str = "own", scope: str = "tag") -> list[str | None]:
     """Per completion, its budget tag restated with a measured solution length (its own, or with
-    `group_median` the median over the relabelled completions of the same prompt), or None when it teaches
-    nothing (a broken format, a wrong answer, a budget the user prefilled)."""
+    `group_median` the median over the relabelled completions of the same prompt), followed with scope
+    `response` by its solution; None when it teaches nothing (a broken format, a wrong answer, a budget the
+    user prefilled)."""
     if target not in TARGETS:
         raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
+    if scope not in SCOPES:
+        raise ValueError(f"relabel scope must be one of {', '.join(SCOPES)}, not {scope!r}")
     golds = [row.get("answer") for row in rows]
     prefills = [row.get("prefill_budget") for row in rows]
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
@@ -57,14 +67,22 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str],
                 groups[row.get("prompt")].append(length)
         lengths = [None if n is None else statistics.median_low(groups[row.get("prompt")])
                    for row, n in zip(rows, lengths)]
-    return [None if n is None else render_prefill(n) for n in lengths]
+    if scope == "tag":
+        return [None if n is None else render_prefill(n) for n in lengths]
+    targets: list[str | None] = []
+    for text, n in zip(completions, lengths):
+        parsed = None if n is None else try_parse(text, scorer.cfg.max_budget)
+        targets.append(None if n is None or isinstance(parsed, FormatError) else render_response(n, parsed.solution))
+    return targets
 
 
 def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  targets: Sequence[str | None]) -> dict[str, torch.Tensor]:
-    """Left-padded prompts followed by each target's tokens: input ids, attention mask and labels (-100
-    everywhere but the target's tokens; a row without a target is all -100)."""
-    tags = [tokenizer.encode(t, add_special_tokens=False) if t is not None else [] for t in targets]
+                  targets: Sequence[str | None], end_turn: bool = False) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by each target's tokens (and the end-of-turn token with `end_turn`, for
+    targets that are whole responses): input ids, attention mask and labels (-100 everywhere but the
+    target's tokens; a row without a target is all -100)."""
+    end = [tokenizer.eos_token_id] if end_turn else []
+    tags = [tokenizer.encode(t, add_special_tokens=False) + end if t is not None else [] for t in targets]
     width = max(1, max(len(tag) for tag in tags))
     batch, pad = prompt_ids.size(0), tokenizer.pad_token_id
     tag_ids = torch.full((batch, width), pad, dtype=prompt_ids.dtype)
@@ -82,22 +100,26 @@ def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
 
 class RelabelGRPOTrainer(GRPOTrainer):
-    """`trl.GRPOTrainer` plus the hindsight budget loss, `weight` x next-token loss on relabelled budget tags."""
+    """`trl.GRPOTrainer` plus the hindsight budget loss, `weight` x next-token loss on relabelled budget tags
+    (or whole relabelled responses)."""
 
-    def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, target: str = "own", **kwargs: Any):
+    def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, target: str = "own",
+                 scope: str = "tag", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.budget_scorer = scorer
         self.relabel_weight = weight
         self.relabel_target = target
+        self.relabel_scope = scope
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         ids = [row[mask.bool()] for row, mask in zip(output["completion_ids"], output["completion_mask"])]
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
-        targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target)
+        targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target, self.relabel_scope)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["relabel/share"].append(sum(t is not None for t in targets) / max(1, len(targets)))
-        output.update(relabel_batch(self.processing_class, output["prompt_ids"], output["prompt_mask"], targets))
+        output.update(relabel_batch(self.processing_class, output["prompt_ids"], output["prompt_mask"], targets,
+                                    end_turn=self.relabel_scope == "response"))
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
