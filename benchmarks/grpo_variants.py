@@ -49,6 +49,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                        ["--budget_relabel_target", "group_median"]),
     "relabel_response": ("relabelling trains the whole relabelled response, not the budget tag alone",
                          ["--budget_relabel_scope", "response"]),
+    "prefill_near": ("half the prompts prefilled, with user budgets in [0.2, 0.6] x b_max (near the compressed "
+                     "lengths) instead of a quarter in the SPEC's [0.5, 2]",
+                     ["--prefill_fraction", "0.5", "--prefill_min", "0.2", "--prefill_max", "0.6"]),
     "temperature09": ("rollouts at T 0.9", ["--temperature", "0.9"]),
     "frozen_attention": ("attention weights not trained (MLPs, norms, embeddings are)",
                          ["--frozen_parameters", "self_attn"]),
