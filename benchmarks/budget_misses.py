@@ -15,13 +15,18 @@ tokens, and the filler~slack Pearson correlation and slope.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
+from selfbudgeter.errors import UserError
+from selfbudgeter.report import load_records
+
 COLUMNS = ("n", "within ±20%", "under", "over", "budget", "needed", "filler", "filler~slack r", "slope")
+# How each column prints; the others are mean token counts, "{:.1f}".
+FORMATS = {"n": "{}", "within ±20%": "{:.1%}", "under": "{}", "over": "{}", "filler~slack r": "{:.2f}",
+           "slope": "{:.2f}"}
 
 
 def summary(items: list[dict]) -> dict[str, float]:
@@ -46,19 +51,12 @@ def summary(items: list[dict]) -> dict[str, float]:
     return row
 
 
-def own_budget_items(path: Path) -> list[dict]:
-    """The well-formed responses to the model's own budget in an eval's items.jsonl."""
-    items = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def own_budget_items(folder: Path) -> list[dict]:
+    """The well-formed responses to the model's own budget in an evaluation folder."""
+    items = load_records(folder)
     if items and "filler_tokens" not in items[0]:
-        raise SystemExit(f"{path}: no filler_tokens; this reads evaluations on the embedded task")
+        raise UserError(f"{folder}: no filler_tokens; this reads evaluations on the embedded task")
     return [item for item in items if item.get("prefill_budget") is None and item["format_ok"]]
-
-
-def cell(name: str, value: float) -> str:
-    if name == "within ±20%":
-        return f"{value:.1%}"
-    return str(value) if isinstance(value, int) else f"{value:.2f}" if name in ("filler~slack r", "slope") \
-        else f"{value:.1f}"
 
 
 def main() -> int:
@@ -66,10 +64,10 @@ def main() -> int:
     parser.add_argument("evals", nargs="+", type=Path, help="`selfbudgeter eval` output folders")
     args = parser.parse_args()
     for folder in args.evals:
-        path = folder / "items.jsonl"
-        if not path.exists():
-            parser.error(f"{path} is missing: give the --out folder of `selfbudgeter eval`")
-        items = own_budget_items(path)
+        try:
+            items = own_budget_items(folder)
+        except UserError as error:
+            parser.error(str(error))
         if not items:
             print(f"\n{folder}: no well-formed response to the model's own budget")
             continue
@@ -81,7 +79,8 @@ def main() -> int:
         print("|" + "---|" * (1 + len(COLUMNS)))
         for label, group in [*sorted(levels.items()), ("all", items)]:
             row = summary(group)
-            print(f"| {label} | " + " | ".join(cell(name, row[name]) for name in COLUMNS) + " |")
+            cells = [FORMATS.get(name, "{:.1f}").format(row[name]) for name in COLUMNS]
+            print(f"| {label} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -12,12 +12,13 @@ missing step, or only the final answer. Prints accuracy and the error kinds per 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from selfbudgeter.errors import UserError
 from selfbudgeter.format import BUDGET_OPEN, FormatError, try_parse
+from selfbudgeter.report import load_records
 from selfbudgeter.task import ERROR_KINDS, first_error, load_split, parse_question
 
 BROKEN = "broken format"  # a response that opens a budget tag but does not parse
@@ -35,16 +36,15 @@ def error_kind(question: str, response: str) -> str:
     return first_error(parse_question(question), solution) or "graded wrong"
 
 
-def breakdown(items: Path) -> tuple[dict[int, list[bool]], dict[int, Counter]]:
-    """(correct flags, error kinds) per difficulty for the own-budget responses in `items`."""
+def breakdown(folder: Path) -> tuple[dict[int, list[bool]], dict[int, Counter]]:
+    """(correct flags, error kinds) per difficulty for the own-budget responses of an evaluation folder."""
     questions = {row.id: row.question for row in load_split("test")}
     correct, kinds = defaultdict(list), defaultdict(Counter)
-    for line in items.read_text().splitlines():
-        item = json.loads(line)
+    for item in load_records(folder):
         if item.get("prefill_budget") is not None:
             continue
         if item["id"] not in questions:
-            raise SystemExit(f"{items}: {item['id']} is not an embedded test question")
+            raise UserError(f"{folder}: {item['id']} is not an embedded test question")
         level = item["difficulty"]
         correct[level].append(bool(item["correct"]))
         if not item["correct"]:
@@ -57,10 +57,10 @@ def main() -> int:
     parser.add_argument("evals", nargs="+", type=Path, help="`selfbudgeter eval` output folders")
     args = parser.parse_args()
     for folder in args.evals:
-        items = folder / "items.jsonl"
-        if not items.exists():
-            parser.error(f"{items} is missing: give the --out folder of `selfbudgeter eval`")
-        correct, kinds = breakdown(items)
+        try:
+            correct, kinds = breakdown(folder)
+        except UserError as error:
+            parser.error(str(error))
         columns = [*ERROR_KINDS, BROKEN, "graded wrong"]
         total = Counter()
         print(f"\n{folder}")

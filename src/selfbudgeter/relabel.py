@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .format import FormatError, render_prefill, render_response, try_parse
+from .format import parse_response, render_prefill, render_response
 from .rewards import SelfBudgeterScorer
 
 TARGETS = ("own", "group_median")
@@ -69,11 +69,9 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
                    for row, n in zip(rows, lengths)]
     if scope == "tag":
         return [None if n is None else render_prefill(n) for n in lengths]
-    targets: list[str | None] = []
-    for text, n in zip(completions, lengths):
-        parsed = None if n is None else try_parse(text, scorer.cfg.max_budget)
-        targets.append(None if n is None or isinstance(parsed, FormatError) else render_response(n, parsed.solution))
-    return targets
+    # A length is set only where the scorer parsed the completion, with the same max_budget: this parse succeeds.
+    return [None if n is None else render_response(n, parse_response(text, scorer.cfg.max_budget).solution)
+            for text, n in zip(completions, lengths)]
 
 
 def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
