@@ -8,10 +8,11 @@ one table row per variant.
 
     .venv/bin/python benchmarks/grpo_variants.py --demo runs/demo [--out runs/grpo-variants] [--only NAME ...]
 
-Each variant takes 4 to 12 minutes on a 2-core CPU; finished variants (an eval folder with metrics.json)
-are skipped on a rerun, and those the demo ran itself (the recipe; the baselines after `demo --baselines`)
-are read from the demo folder. The rows are written to OUT/variants.json and OUT/variants.md, the package
-versions and machine to OUT/environment.json.
+Each variant takes 4 to 12 minutes on a 2-core CPU (the long ones 20 to 35); finished variants (an eval
+folder with metrics.json) are skipped on a rerun, and those the demo ran itself (the recipe; the baselines
+after `demo --baselines`) are read from the demo folder. The long_polish variants go on from the
+long_lr2.5e-5 model (trained first if missing). The rows are written to OUT/variants.json and
+OUT/variants.md, the package versions and machine to OUT/environment.json.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from pathlib import Path
 
 from selfbudgeter.report import environment
 
+# Settings of a run that goes on from a finished model at the final alpha: no schedule, no warmup.
+POLISH = ["--max_steps", "180", "--learning_rate", "2e-5", "--alpha_start", "0.1", "--alpha_end", "0.1",
+          "--warmup_steps", "0", "--temperature", "0.6"]
 # name -> (what it changes, overrides of embedded/grpo). "recipe" is the demo's own GRPO run, read from the demo.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("the embedded recipe as the demo ran it (see embedded/grpo.yaml)", []),
@@ -44,9 +48,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "polish60": ("the recipe's 75 steps, then 60 more at the final alpha (0.1) and a tenth of the learning rate",
                  ["--max_steps", "135", "--alpha_steps", "75", "--lr_scheduler_type", "warmup_stable_decay",
                   "--lr_scheduler_kwargs", '{"num_stable_steps": 70, "num_decay_steps": 1, "min_lr_ratio": 0.1}']),
+    "long_polish_own": ("long_lr2.5e-5, then 180 steps at the final alpha (0.1), lr 2e-5, rollouts at T 0.6",
+                        POLISH),
+    "long_polish_peak": ("long_polish_own with relabelled budgets at the final reward's peak (relabel_peak)",
+                         [*POLISH, "--budget_relabel_target", "peak"]),
     "relabel2": ("budget relabelling at twice the weight (2.0)", ["--budget_relabel_weight", "2"]),
     "relabel_median": ("relabelled budgets state the median length of their prompt's rollouts, not their own",
                        ["--budget_relabel_target", "group_median"]),
+    "relabel_peak": ("relabelled budgets state the budget the final reward pays most for, length / (1 - alpha_end)",
+                     ["--budget_relabel_target", "peak"]),
     "relabel_response": ("relabelling trains the whole relabelled response, not the budget tag alone",
                          ["--budget_relabel_scope", "response"]),
     "prefill_near": ("half the prompts prefilled, with user budgets in [0.2, 0.6] x b_max (near the compressed "
@@ -65,6 +75,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "kimi_length": ("baseline: accuracy + Kimi k1.5 length reward (recipe embedded/grpo_kimi_length)",
                     ["--config", "embedded/grpo_kimi_length"]),
 }
+# Variants that go on from another variant's model instead of the demo's cold start (run first if missing);
+# their GRPO seconds are their own steps only.
+CONTINUES = {"long_polish_own": "long_lr2.5e-5", "long_polish_peak": "long_lr2.5e-5"}
 # Variants a `demo --baselines` run has already trained and evaluated: read from the demo, not rerun.
 FROM_DEMO = {"recipe": "selfbudgeter", "accuracy_only": "grpo_accuracy", "kimi_length": "grpo_kimi_length"}
 KEYS = ("accuracy", "mean_tokens", "compression", "within_20", "within_50", "length_budget_pearson",
@@ -96,8 +109,13 @@ def variant(name: str, overrides: list[str], demo: Path, out: Path, seed: int) -
     model, evals = out / name, out / f"{name}-eval"
     if not (evals / "metrics.json").exists():
         config = ["--config", "embedded/grpo"] if "--config" not in overrides else []
+        origin = demo / "models" / "sft"
+        if name in CONTINUES:
+            origin = out / CONTINUES[name]
+            if not (out / f"{CONTINUES[name]}-eval" / "metrics.json").exists():
+                variant(CONTINUES[name], VARIANTS[CONTINUES[name]][1], demo, out, seed)
         start = time.time()
-        run(["grpo", *config, "--model", str(demo / "models" / "sft"), "--profile", str(demo / "profile"),
+        run(["grpo", *config, "--model", str(origin), "--profile", str(demo / "profile"),
              "--profile_only", "true", "--solved_only", "true", "--output_dir", str(model), "--seed", str(seed),
              *overrides], out / f"{name}.grpo.log")
         (out / f"{name}.seconds").write_text(f"{time.time() - start:.0f}\n")

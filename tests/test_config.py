@@ -88,6 +88,39 @@ def test_bad_recipes_are_one_line_user_errors(tmp_path, yaml_text, message):
     assert "\n" not in str(err.value)
 
 
+def test_a_recipe_extends_another_and_changes_only_its_own_keys(tmp_path):
+    (tmp_path / "base.yaml").write_text("samples: 3\nlr: 0.5\nmodel: base\n")
+    (tmp_path / "middle.yaml").write_text("extends: base.yaml\nlr: 0.25\n")  # beside the extending file
+    cfg = parse(tmp_path, f"extends: {tmp_path / 'middle.yaml'}\nmodel: child\n", "--samples", "7")
+    assert (cfg.samples, cfg.lr, cfg.model) == (7, 0.25, "child")
+    # A packaged recipe by name (eval's, which Toy cannot read): its keys, the child's on top.
+    from selfbudgeter.evaluate import EvalConfig
+
+    child = tmp_path / "eval.yaml"
+    child.write_text("extends: embedded/eval\nsamples: 2\n")
+    (cfg,) = parse_config((EvalConfig,), ["--config", str(child)], "eval", "")
+    (reference,) = parse_config((EvalConfig,), ["--config", "embedded/eval"], "eval", "")
+    assert cfg.samples == 2 and cfg.temperature == reference.temperature and cfg.max_new_tokens == 384
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"recipe.yaml": "extends: recipe.yaml\n"}, "extends it back"),
+        ({"a.yaml": "extends: recipe.yaml\n", "recipe.yaml": "extends: a.yaml\n"}, "extends it back"),
+        ({"recipe.yaml": "extends: [a, b]\n"}, "extends must name a recipe"),
+        ({"recipe.yaml": "extends: no/such\n"}, "neither a file nor a packaged recipe"),
+        ({"recipe.yaml": "extends: base.yaml\n", "base.yaml": "samplez: 1\n"}, "unknown key 'samplez'"),
+    ],
+)
+def test_bad_extends_are_one_line_user_errors(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(UserError, match=message) as err:
+        parse_config((Toy,), ["--config", str(tmp_path / "recipe.yaml")], "toy", "a toy stage")
+    assert "\n" not in str(err.value)
+
+
 def test_unknown_flag_is_an_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(tmp_path, "", "--bogus", "1")

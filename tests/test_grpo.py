@@ -180,6 +180,25 @@ def test_embedded_recipes_share_their_training_numbers(recipe):
         assert config.use_cpu and not config.bf16
 
 
+@pytest.mark.parametrize("recipe, variant", [("embedded/grpo_long", "long_lr2.5e-5"),
+                                             ("embedded/grpo_polish", "long_polish_peak")])
+def test_long_recipes_are_the_measured_variants(recipe, variant):
+    """The README's figures for these recipes come from benchmarks/grpo_variants.py, which runs embedded/grpo plus
+    the variant's overrides: the recipe must parse to exactly those settings, model and output folder aside."""
+    from dataclasses import asdict
+
+    from conftest import benchmark_script
+
+    overrides = benchmark_script("grpo_variants").VARIANTS[variant][1]
+    measured = grpo.parse_args(["--config", "embedded/grpo", *overrides])
+    shipped = grpo.parse_args(["--config", recipe])
+    ignore = {"model", "output_dir", "logging_dir", "run_name", "hub_model_id"}
+    for ours, theirs in zip(shipped, measured):
+        a, b = asdict(ours), asdict(theirs)
+        assert {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+    assert shipped[0].model == ("runs/embedded/grpo_long" if recipe.endswith("polish") else "runs/embedded/sft")
+
+
 # --- training --------------------------------------------------------------------------------------------
 
 

@@ -55,6 +55,29 @@ def test_group_median_gives_each_prompt_one_budget(scorer, embedded_tokenizer):
     assert median == [render_prefill(lengths[0])] * 3 + [None] + [render_prefill(lengths[1])] * 2
 
 
+def test_peak_states_the_budget_the_final_reward_pays_most_for(embedded_tokenizer):
+    from selfbudgeter.rewards import RewardConfig, precise_budget_score
+
+    length = token_length(embedded_tokenizer, SOLUTION)
+    rows = [{"answer": "7", "prefill_budget": None}]
+    for alpha_end in (0.1, 0.25):
+        cfg = RewardConfig(alpha_end=alpha_end)
+        [tag] = relabel_targets(SelfBudgeterScorer(embedded_tokenizer, cfg), [render_response(99, SOLUTION)], rows,
+                                "peak")
+        budget = round(length / (1 - alpha_end))
+        assert tag == render_prefill(budget) and budget > length
+        # At alpha_end the relabelled budget earns (nearly) the most a correct answer can; its own length as the
+        # budget sits at the kernel's edge and earns the least.
+        assert precise_budget_score(True, length, budget, alpha_end, cfg) > 0.99 * cfg.correct_max
+        assert precise_budget_score(True, length, length, alpha_end, cfg) == cfg.correct_min
+    capped = SelfBudgeterScorer(embedded_tokenizer, RewardConfig(max_budget=length))
+    assert relabel_targets(capped, [render_response(5, SOLUTION)], rows, "peak") == [render_prefill(length)]
+    with pytest.raises(ValueError, match="alpha_end < 1"):
+        relabel_targets(SelfBudgeterScorer(embedded_tokenizer, RewardConfig(alpha_end=1.0)), [], [], "peak")
+    with pytest.raises(UserError, match="peak needs alpha_end < 1"):
+        grpo.parse_args(["--config", "embedded/grpo", "--budget_relabel_target", "peak", "--alpha_end", "1.5"])
+
+
 def test_unknown_relabel_target_is_an_error(scorer):
     with pytest.raises(ValueError, match="group_median"):
         relabel_targets(scorer, [], [], "mean")

@@ -151,3 +151,19 @@ def test_budget_misses_separates_filler_that_follows_the_budget_from_filler_that
     # 30 and 40 tokens written to a budget of 20 are over it; 30 and 20 written to a budget of 40 are under it
     assert (unplanned["under"], unplanned["over"]) == (2, 2) and unplanned["within ±20%"] == pytest.approx(2 / 6)
     assert unplanned["needed"] == pytest.approx(20.0) and unplanned["filler"] == pytest.approx(10.0)
+
+
+def test_targets_check_each_bound_in_its_direction():
+    targets = benchmark_script("targets")
+    base = {"accuracy": 0.96, "mean_tokens": 160.0, "n": 1600}
+    model = {"accuracy": 0.951, "mean_tokens": 64.0, "within_20": 0.9, "spearman_budget_difficulty": 0.79, "n": 1600}
+    checked = targets.check(base, model)
+    assert checked["length vs base"] == (pytest.approx(0.4), True)  # at the bound: met
+    assert checked["accuracy - base"][1] is True  # 0.9 points under the base: met
+    at_bound = {**base, "accuracy": 391 / 400}
+    assert targets.check(at_bound, {**model, "accuracy": 387 / 400})["accuracy - base"][1] is True
+    assert checked["within ±20%"][1] is True and checked["Spearman budget~difficulty"][1] is False
+    worse = {**model, "accuracy": 0.949, "mean_tokens": 64.2, "within_20": None}
+    assert [met for _, met in targets.check(base, worse).values()] == [False, False, False, False]
+    lines = targets.table({"pooled": (base, worse)}).splitlines()
+    assert lines[2].startswith("| pooled | 1600 | 96.00% | 94.90% |") and lines[2].count("NOT met") == 4

@@ -3,7 +3,9 @@
 `parse_config` wraps `trl.TrlParser`. `--config` takes a YAML file or the name of a packaged recipe
 (`embedded/profile` -> `src/selfbudgeter/recipes/embedded/profile.yaml`). A recipe key that no field
 declares, or a value that does not convert to the field's type, is a `UserError` naming the key and the
-file; a bad `--flag` stays an argparse error. Both print one line.
+file; a bad `--flag` stays an argparse error. Both print one line. A recipe may start from another with
+`extends: NAME` (a packaged recipe name or a YAML path, relative to the extending file or the working
+directory) and set only the keys it changes; chains are followed, loops are an error.
 
 Deviations from `TrlParser.parse_args_and_config`:
 1. YAML scalars are converted with the field's own type, so `lr: 1e-5` (a *string* to PyYAML) becomes a
@@ -89,6 +91,22 @@ def _load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a recipe must be a YAML mapping of field: value")
     return data
+
+
+def load_recipe(path: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of the recipe at `path`, those of the recipe it `extends` (recursively) under its own."""
+    data = _load_yaml(path)
+    if "extends" not in data:
+        return data
+    parent = data.pop("extends")
+    if not isinstance(parent, str) or not parent.strip():
+        raise UserError(f"{path}: extends must name a recipe (a packaged name or a YAML file), not {parent!r}")
+    beside = Path(path).parent / parent
+    parent_path = str(beside) if beside.is_file() else resolve_recipe(parent)
+    chain = (*chain, str(Path(path).resolve()))
+    if str(Path(parent_path).resolve()) in chain:
+        raise UserError(f"{path}: extends {parent!r}, which extends it back (a loop)")
+    return {**load_recipe(parent_path, chain), **data}
 
 
 def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
@@ -190,7 +208,7 @@ def parse_config(
     config, rest = _split_config_flag(list(argv) if argv is not None else [])
     if config is not None and not {"-h", "--help"} & set(rest):
         path = resolve_recipe(config)
-        _apply_recipe(parser, _load_yaml(path), path)
+        _apply_recipe(parser, load_recipe(path), path)
     rest = _empty_lists(parser, rest)
     try:
         # look_for_args_file=False: HfArgumentParser would otherwise read `<argv[0]>.args` from disk.

@@ -89,8 +89,9 @@ class GRPOStageArgs:
     )
     budget_relabel_target: str = field(
         default="own",
-        metadata={"help": "what a relabelled budget states: `own` (the rollout's length) or `group_median` "
-                  "(the median length of its prompt's relabelled rollouts)"},
+        metadata={"help": "what a relabelled budget states: `own` (the rollout's length), `group_median` (the "
+                  "median length of its prompt's relabelled rollouts) or `peak` (its length / (1 - alpha_end), "
+                  "the budget the final reward pays most for)"},
     )
     budget_relabel_scope: str = field(
         default="tag",
@@ -151,6 +152,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, Reward
     from .sft import parse_stage_config
 
     stage, reward_cfg, config = parse_stage_config((GRPOStageArgs, RewardConfig, GRPOConfig), argv, PROG, DESCRIPTION)
+    if stage.budget_relabel_weight > 0 and stage.budget_relabel_target == "peak" and not reward_cfg.alpha_end < 1:
+        raise UserError(f"budget_relabel_target peak needs alpha_end < 1 (its budget is length / (1 - alpha_end)), "
+                        f"not {reward_cfg.alpha_end}")
     return stage, reward_cfg, config
 
 

@@ -14,9 +14,13 @@ ordinary next-token loss (weight `budget_relabel_weight`) next to the GRPO loss.
 advantages and alpha schedule are GRPO's own; only the budget tokens get this second teacher. Responses
 with a prefilled (user) budget are not relabelled: their budget was not the model's.
 
-The target is each rollout's own length (`own`), or the median length of the relabelled rollouts of its
+The target is each rollout's own length (`own`), the median length of the relabelled rollouts of its
 prompt in the batch (`group_median`): then the tag learns one number per question, where `own` teaches it to
-reproduce the spread of lengths the rollout temperature gives.
+reproduce the spread of lengths the rollout temperature gives; or the budget the final reward pays most for
+that length (`peak`): l / (1 - alpha_end), since the kernel of a correct answer peaks at (1 - alpha) b. A
+budget equal to its length sits at the kernel's edge (|l - (1 - alpha) b| = alpha b, k = 0), where a group's
+rollouts that write a little less or a little more earn the same reward, so `own` leaves GRPO no signal to
+settle the filler on; under `peak` the length the budget was set for earns the most.
 
 The scope is the budget tag alone (`tag`), or the whole relabelled response (`response`): the tag, the
 solution that followed it and the end of the turn, as in hindsight experience replay, where a goal is
@@ -38,20 +42,23 @@ from trl import GRPOTrainer
 from .format import parse_response, render_prefill, render_response
 from .rewards import SelfBudgeterScorer
 
-TARGETS = ("own", "group_median")
+TARGETS = ("own", "group_median", "peak")
 SCOPES = ("tag", "response")
 
 
 def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows: Sequence[dict[str, Any]],
                     target: str = "own", scope: str = "tag") -> list[str | None]:
-    """Per completion, its budget tag restated with a measured solution length (its own, or with
-    `group_median` the median over the relabelled completions of the same prompt), followed with scope
-    `response` by its solution; None when it teaches nothing (a broken format, a wrong answer, a budget the
-    user prefilled)."""
+    """Per completion, its budget tag restated with a measured solution length (its own; with `group_median`
+    the median over the relabelled completions of the same prompt; with `peak` its own over 1 - alpha_end),
+    followed with scope `response` by its solution; None when it teaches nothing (a broken format, a wrong
+    answer, a budget the user prefilled)."""
     if target not in TARGETS:
         raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
     if scope not in SCOPES:
         raise ValueError(f"relabel scope must be one of {', '.join(SCOPES)}, not {scope!r}")
+    if target == "peak" and not scorer.cfg.alpha_end < 1:
+        raise ValueError(f"relabel target peak needs alpha_end < 1 (the kernel's peak (1 - alpha) b), "
+                         f"not {scorer.cfg.alpha_end}")
     golds = [row.get("answer") for row in rows]
     prefills = [row.get("prefill_budget") for row in rows]
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
@@ -67,6 +74,9 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
                 groups[row.get("prompt")].append(length)
         lengths = [None if n is None else statistics.median_low(groups[row.get("prompt")])
                    for row, n in zip(rows, lengths)]
+    elif target == "peak":
+        cap, keep = scorer.cfg.max_budget, 1 - scorer.cfg.alpha_end
+        lengths = [None if n is None else min(cap, round(n / keep)) for n in lengths]
     if scope == "tag":
         return [None if n is None else render_prefill(n) for n in lengths]
     # A length is set only where the scorer parsed the completion, with the same max_budget: this parse succeeds.
