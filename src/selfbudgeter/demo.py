@@ -1,7 +1,10 @@
 """`selfbudgeter demo`: the whole method on the embedded default, from the base model to a report.
 
-    base model -> profile -> build-sft -> sft -> budget-guided GRPO [-> GRPO baselines]
-               -> eval (base, cold start, SelfBudgeter [, baselines]) -> report
+    base model -> profile -> build-sft -> sft -> budget-guided GRPO [-> the long run] [-> GRPO baselines]
+               -> eval (base, cold start, SelfBudgeter [, long] [, baselines]) -> report
+
+`--long` adds the run that meets all of GRPO's targets: embedded/grpo_long from the cold start, then
+embedded/grpo_polish from it (about 40 more minutes on 2 CPU cores), evaluated as `selfbudgeter_long`.
 
 Each step runs the same stage entry point a user would run by hand (`selfbudgeter <stage> --config
 embedded/<stage> ...`), so the demo is a real use of the product's code path, not a separate one. Every
@@ -25,6 +28,7 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 BASELINES = ("grpo_accuracy", "grpo_kimi_length")
+LONG = "selfbudgeter_long"
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Step:
     name: str
     title: str
     run: Callable[[], object]
+    # Rerun even when finished earlier: the report, whose rows depend on the flags of this run.
+    always: bool = False
 
 
 def _stage(name: str, argv: list[str]) -> None:
@@ -74,11 +80,11 @@ def plan(args: argparse.Namespace) -> list[Step]:
             argv += ["--baseline", str(evals / "base")]
         return Step(f"eval-{name}", f"evaluate {name} on the held-out test split", lambda: _stage("eval", argv))
 
-    def grpo(name: str, recipe: str) -> Step:
+    def grpo(name: str, recipe: str, start: Path = sft) -> Step:
         # Train on the profiled questions the base model solved: each has its b_max, and the wrong-answer
         # branch of the reward (which pays for running long) does not dominate a weak base model's groups.
-        argv = ["--config", recipe, "--model", str(sft), "--profile", str(out / "profile"), "--profile_only", "true",
-                "--solved_only", "true"]
+        argv = ["--config", recipe, "--model", str(start), "--profile", str(out / "profile"), "--profile_only",
+                "true", "--solved_only", "true"]
         argv += ["--output_dir", str(models / name), *seed, *grpo_steps]
         return Step(name, f"GRPO ({recipe})", lambda: _stage("grpo", argv))
 
@@ -96,19 +102,24 @@ def plan(args: argparse.Namespace) -> list[Step]:
             "--output_dir", str(sft), *seed])),
         grpo("selfbudgeter", "embedded/grpo"),
     ]
+    if args.long:
+        steps += [grpo(f"{LONG}_300", "embedded/grpo_long"),
+                  grpo(LONG, "embedded/grpo_polish", start=models / f"{LONG}_300")]
     if args.baselines:
         steps += [grpo(name, f"embedded/{name}") for name in BASELINES]
     steps += [evaluate("base", base, budgeted=False), evaluate("sft", sft, True), evaluate("selfbudgeter", sb, True)]
+    if args.long:
+        steps.append(evaluate(LONG, models / LONG, True))
     if args.baselines:
         steps += [evaluate(name, models / name, True) for name in BASELINES]
-    steps.append(Step("report", "report: metrics, tables and plots", lambda: _report(args)))
+    steps.append(Step("report", "report: metrics, tables and plots", lambda: _report(args), always=True))
     return steps
 
 
 def _report(args: argparse.Namespace) -> dict:
     from .report import build_report
 
-    names = ["base", "sft", "selfbudgeter", *(BASELINES if args.baselines else ())]
+    names = ["base", "sft", "selfbudgeter", *([LONG] if args.long else []), *(BASELINES if args.baselines else ())]
     runs = {name: args.out / "eval" / name for name in names}
     return build_report(runs, args.out / "report", baseline="base")
 
@@ -130,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
     timings: dict[str, float] = {}
     for i, step in enumerate(steps, 1):
         marker = markers / f"{step.name}.json"
-        if marker.exists():
+        if marker.exists() and not step.always:
             timings[step.name] = json.loads(marker.read_text())["seconds"]
             console.print(f"[dim][{i}/{len(steps)}] {step.title}: done earlier ({timings[step.name]:.0f} s)[/]")
             continue
@@ -150,7 +161,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def _add_timings(metrics: dict, timings: dict[str, float], total: float) -> dict:
     """Per model: the seconds of its own training and evaluation steps; the whole run's at the top."""
-    training = {"sft": ["build-sft", "sft"], "selfbudgeter": ["selfbudgeter"], "base": ["base", "profile"]}
+    training = {"sft": ["build-sft", "sft"], "selfbudgeter": ["selfbudgeter"], "base": ["base", "profile"],
+                LONG: [f"{LONG}_300", LONG]}
     for name, entry in metrics.items():
         own = training.get(name, [name]) + [f"eval-{name}"]
         entry["stage_seconds"] = sum(timings.get(s, 0.0) for s in own)
@@ -169,6 +181,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~45 min) "
                         "instead of copying the shipped one")
+    parser.add_argument("--long", action="store_true",
+                        help="also train and evaluate the long run that meets all of GRPO's targets "
+                        "(embedded/grpo_long then embedded/grpo_polish, ~40 min more)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")
     parser.add_argument("--profile-questions", type=int, default=800,
