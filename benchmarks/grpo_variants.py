@@ -110,10 +110,9 @@ def variant(name: str, overrides: list[str], demo: Path, out: Path, seed: int) -
     if not (evals / "metrics.json").exists():
         config = ["--config", "embedded/grpo"] if "--config" not in overrides else []
         origin = demo / "models" / "sft"
-        if name in CONTINUES:
+        if name in CONTINUES:  # the model it goes on from: trained now if missing, else only read back
             origin = out / CONTINUES[name]
-            if not (out / f"{CONTINUES[name]}-eval" / "metrics.json").exists():
-                variant(CONTINUES[name], VARIANTS[CONTINUES[name]][1], demo, out, seed)
+            variant(CONTINUES[name], VARIANTS[CONTINUES[name]][1], demo, out, seed)
         start = time.time()
         run(["grpo", *config, "--model", str(origin), "--profile", str(demo / "profile"),
              "--profile_only", "true", "--solved_only", "true", "--output_dir", str(model), "--seed", str(seed),

@@ -152,9 +152,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, Reward
     from .sft import parse_stage_config
 
     stage, reward_cfg, config = parse_stage_config((GRPOStageArgs, RewardConfig, GRPOConfig), argv, PROG, DESCRIPTION)
-    if stage.budget_relabel_weight > 0 and stage.budget_relabel_target == "peak" and not reward_cfg.alpha_end < 1:
-        raise UserError(f"budget_relabel_target peak needs alpha_end < 1 (its budget is length / (1 - alpha_end)), "
-                        f"not {reward_cfg.alpha_end}")
+    if stage.budget_relabel_weight > 0 and stage.budget_relabel_target == "peak":
+        from .relabel import peak_keep
+
+        try:
+            peak_keep(reward_cfg.alpha_end)
+        except ValueError as error:
+            raise UserError(f"budget_relabel_target: {error}") from None
     return stage, reward_cfg, config
 
 

@@ -46,6 +46,15 @@ TARGETS = ("own", "group_median", "peak")
 SCOPES = ("tag", "response")
 
 
+def peak_keep(alpha_end: float) -> float:
+    """1 - alpha_end, the share of its budget at which the final reward pays a correct answer most (`peak`
+    relabels a length l to l / that); a ValueError when alpha_end >= 1 leaves no such peak."""
+    if not alpha_end < 1:
+        raise ValueError(f"relabel target peak needs alpha_end < 1 (its budget is length / (1 - alpha_end)), "
+                         f"not {alpha_end}")
+    return 1 - alpha_end
+
+
 def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows: Sequence[dict[str, Any]],
                     target: str = "own", scope: str = "tag") -> list[str | None]:
     """Per completion, its budget tag restated with a measured solution length (its own; with `group_median`
@@ -56,9 +65,7 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
         raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
     if scope not in SCOPES:
         raise ValueError(f"relabel scope must be one of {', '.join(SCOPES)}, not {scope!r}")
-    if target == "peak" and not scorer.cfg.alpha_end < 1:
-        raise ValueError(f"relabel target peak needs alpha_end < 1 (the kernel's peak (1 - alpha) b), "
-                         f"not {scorer.cfg.alpha_end}")
+    keep = peak_keep(scorer.cfg.alpha_end) if target == "peak" else None
     golds = [row.get("answer") for row in rows]
     prefills = [row.get("prefill_budget") for row in rows]
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
@@ -75,8 +82,7 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
         lengths = [None if n is None else statistics.median_low(groups[row.get("prompt")])
                    for row, n in zip(rows, lengths)]
     elif target == "peak":
-        cap, keep = scorer.cfg.max_budget, 1 - scorer.cfg.alpha_end
-        lengths = [None if n is None else min(cap, round(n / keep)) for n in lengths]
+        lengths = [None if n is None else min(scorer.cfg.max_budget, round(n / keep)) for n in lengths]
     if scope == "tag":
         return [None if n is None else render_prefill(n) for n in lengths]
     # A length is set only where the scorer parsed the completion, with the same max_budget: this parse succeeds.
