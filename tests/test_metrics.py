@@ -28,6 +28,7 @@ def rec(
     prefill=None,
     grading_error=None,
     response="...",
+    **extra,
 ):
     return {
         "id": id_,
@@ -44,6 +45,7 @@ def rec(
         "grading_error": grading_error,
         "predicted": "1" if correct else "2",
         "sample": 0,
+        **extra,
     }
 
 
@@ -54,12 +56,13 @@ MAIN = [
     rec("r4", 400, 600, True, difficulty=3),  # +0.5
     rec("r5", None, 1000, False, difficulty=3, format_error="missing_budget", response="x" * 400),
 ]
-# Own estimates 100 (question a) and 200 (question b), prefilled at 0.5x and 2x.
+# Own estimates 100 (question a, difficulty 1) and 200 (question b, difficulty 3), prefilled at 0.5x and 2x.
 CONTROL = [
-    rec("a", None, 50, True, multiplier=0.5, prefill=50),
-    rec("b", None, 150, False, multiplier=0.5, prefill=100),
-    rec("a", None, 220, True, multiplier=2.0, prefill=200),
-    rec("b", None, 900, False, multiplier=2.0, prefill=400, format_error="unclosed_solution", grading_error="x"),
+    rec("a", None, 50, True, multiplier=0.5, prefill=50, difficulty=1),
+    rec("b", None, 150, False, multiplier=0.5, prefill=100, difficulty=3),
+    rec("a", None, 220, True, multiplier=2.0, prefill=200, difficulty=1),
+    rec("b", None, 900, False, multiplier=2.0, prefill=400, difficulty=3, format_error="unclosed_solution",
+        grading_error="x"),
 ]
 
 
@@ -72,8 +75,8 @@ def summary():
 # Sxy = 100*142.5 + 100*122.5 + 0 + 200*357.5 = 98000, Sxx = 60000, Syy = 171675.
 SLOPE = 98000 / 60000
 PEARSON = 98000 / math.sqrt(60000 * 171675)
-# Control: x = prefills [50, 100, 200], y = [50, 150, 220]: Sxy = 37500/3, Sxx = 105000/9.
-CONTROL_SLOPE = 15 / 14
+# Control: question a alone has two well-formed budgets, 50 -> 50 and 200 -> 220 (b's second one is broken).
+CONTROL_SLOPE = math.log(220 / 50) / math.log(200 / 50)
 
 
 @pytest.mark.parametrize(
@@ -94,7 +97,7 @@ CONTROL_SLOPE = 15 / 14
         ("length_budget_pearson", PEARSON),
         ("spearman_budget_difficulty", 1.0),  # difficulties [1, 1, 2, 3] and budgets rank the same
         ("control_slope", CONTROL_SLOPE),
-        ("control_within_20", 2 / 3),  # 50 of 50 and 220 of 200 yes, 150 of 100 no; the broken one is out
+        ("control_within_20", 2 / 4),  # 50 of 50 and 220 of 200 yes, 150 of 100 no, the broken one a miss
         ("format_failure_rate", 1 / 5),
         ("grading_failures", 2),  # one main, one control
     ],
@@ -120,9 +123,12 @@ def test_control_table(summary):
             "mean_budget": 75,
             "mean_length": 100,
             "length_over_estimate": (50 / 100 + 150 / 200) / 2,  # own estimates 100 and 200
+            "n_reachable": 2,
             "within_20": 0.5,
             "accuracy": 0.5,
+            "accuracy_hard": 0.0,  # the hardest third of two questions is b
             "format_ok_rate": 1.0,
+            "forced_rate": 0.0,
         }
     )
     assert high == pytest.approx(
@@ -132,11 +138,18 @@ def test_control_table(summary):
             "mean_budget": 300,
             "mean_length": 560,
             "length_over_estimate": 220 / 100,  # the broken response has no length to compare
-            "within_20": 1.0,
+            "n_reachable": 2,
+            "within_20": 0.5,  # a broken response does not meet the user's budget
             "accuracy": 0.5,
+            "accuracy_hard": 0.0,
             "format_ok_rate": 0.5,
+            "forced_rate": 0.0,
         }
     )
+    assert summary["control_accuracy"] == [
+        {key: row[key] for key in ("multiplier", "accuracy", "accuracy_hard", "mean_length", "within_20")}
+        for row in (low, high)
+    ]
 
 
 def test_format_failure_examples(summary):
@@ -263,3 +276,133 @@ def test_filler_share_counts_only_records_that_measured_it():
     assert summary["mean_filler_tokens"] == 30
     assert summary["filler_share"] == pytest.approx(60 / 150)
     assert summarize(MAIN)["filler_share"] is None and summarize(MAIN)["mean_filler_tokens"] is None
+
+
+# --- user control (METHOD.md, "User control, how we measure it") --------------------------------------------
+
+MULTIPLIERS = (0.5, 0.75, 1.0, 1.5, 2.0)
+# Own estimates of six questions, difficulty rising with them (as a model that sizes its effort would).
+ESTIMATES = {"q1": 40, "q2": 60, "q3": 80, "q4": 120, "q5": 160, "q6": 240}
+
+
+def control_run(length_of, *, correct_of=lambda qid, m: True, need=None, decoded_by=None, forced=False):
+    """Control records of ESTIMATES at MULTIPLIERS: `length_of(estimate, budget)` is the length written."""
+    records = []
+    for k, (qid, estimate) in enumerate(ESTIMATES.items(), 1):
+        for m in MULTIPLIERS:
+            budget = round(m * estimate)
+            extra = {"min_solution_tokens": None if need is None else need[qid]}
+            if decoded_by is not None:
+                extra.update(decoder=decoded_by, forced=forced)
+            records.append(rec(qid, None, length_of(estimate, budget), correct_of(qid, m), multiplier=m,
+                               prefill=budget, difficulty=k, **extra))
+    return records
+
+
+def test_a_model_that_ignores_the_budget_scores_slope_zero():
+    ignores = control_run(lambda estimate, budget: estimate)  # writes its own length whatever the user says
+    summary = summarize(ignores)
+    assert summary["control_slope"] == pytest.approx(0.0, abs=1e-9)
+    assert list(metrics.question_slopes(ignores).values()) == [pytest.approx(0.0, abs=1e-9)] * len(ESTIMATES)
+    # Only the 1x budgets are met (0.75x and 1.5x are 25% and 33% away).
+    assert summary["control_within_20"] == pytest.approx(1 / 5)
+    # The pooled regression this replaces reads well above 0 here, from the spread of the estimates alone.
+    pooled, _ = linear_fit([r["budget"] for r in ignores], [r["length"] for r in ignores])
+    assert pooled > 0.3
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.9, 1.15])
+def test_a_model_that_follows_the_budget_scores_slope_one(factor):
+    follows = control_run(lambda estimate, budget: round(factor * budget))
+    summary = summarize(follows)
+    assert summary["control_slope"] == pytest.approx(1.0, abs=0.02)  # rounding to whole tokens only
+    assert summary["control_within_20"] == 1.0
+    assert [row["within_20"] for row in summary["control_accuracy"]] == [1.0] * len(MULTIPLIERS)
+
+
+def test_half_following_scores_half_and_the_median_ignores_outliers():
+    half = control_run(lambda estimate, budget: round(estimate * (budget / estimate) ** 0.5))
+    assert summarize(half)["control_slope"] == pytest.approx(0.5, abs=0.02)
+    # One question that overreacts wildly moves the median by at most one rank.
+    wild = [r if r["id"] != "q1" else {**r, "length": r["prefill_budget"] ** 3} for r in half]
+    assert summarize(wild)["control_slope"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_unreachable_budgets_are_left_out_of_the_share():
+    # Every question needs 70 tokens at least; a budget below that is unreachable, and the model writes 70.
+    need = dict.fromkeys(ESTIMATES, 70)
+    follows = control_run(lambda estimate, budget: max(budget, 70), need=need)
+    unreachable = [r for r in follows if r["prefill_budget"] < 70]
+    assert unreachable and not any(metrics.met_budget(r) for r in unreachable if r["prefill_budget"] < 58)
+    assert summarize(follows)["control_within_20"] == 1.0  # every reachable budget was met
+    everything = [{**r, "min_solution_tokens": None} for r in follows]
+    assert summarize(everything)["control_within_20"] < 1.0  # counting them in would blame the model
+    rows = summarize(follows)["control"]
+    assert [row["n_reachable"] for row in rows] == [
+        sum(round(m * e) >= 70 for e in ESTIMATES.values()) for m in MULTIPLIERS
+    ]
+
+
+@pytest.mark.parametrize(
+    "record, reachable",
+    [
+        ({"prefill_budget": 70, "min_solution_tokens": 70}, True),  # the boundary is reachable
+        ({"prefill_budget": 69, "min_solution_tokens": 70}, False),
+        ({"prefill_budget": 5, "min_solution_tokens": None}, True),  # no reference solution: count it
+        ({"prefill_budget": 5}, True),
+    ],
+)
+def test_reachable(record, reachable):
+    assert metrics.reachable(record) is reachable
+
+
+def test_accuracy_per_multiplier_and_on_the_hardest_third():
+    # Easy questions are always right; the two hardest (q5, q6) only from 1.5x on.
+    def correct(qid, m):
+        return qid not in ("q5", "q6") or m >= 1.5
+
+    rows = summarize(control_run(lambda e, b: b, correct_of=correct))["control_accuracy"]
+    assert [row["multiplier"] for row in rows] == list(MULTIPLIERS)
+    assert [row["accuracy"] for row in rows] == pytest.approx([4 / 6, 4 / 6, 4 / 6, 1.0, 1.0])
+    assert [row["accuracy_hard"] for row in rows] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert [row["mean_length"] for row in rows] == pytest.approx(
+        [sum(round(m * e) for e in ESTIMATES.values()) / 6 for m in MULTIPLIERS]
+    )
+
+
+@pytest.mark.parametrize(
+    "difficulties, hard",
+    [
+        ({"a": 1, "b": 2, "c": 3}, {"c"}),
+        ({"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6}, {"e", "f"}),
+        ({"a": 1, "b": 3, "c": 3, "d": 1, "e": 1, "f": 1}, {"b", "c"}),
+        ({"a": 1, "b": 2, "c": 2, "d": 1}, {"b", "c"}),  # ties at the cut are all in
+        ({"a": None, "b": None}, set()),
+    ],
+)
+def test_hardest_questions(difficulties, hard):
+    records = [rec(qid, 10, 10, difficulty=d) for qid, d in difficulties.items()]
+    assert metrics.hardest_questions(records) == hard
+
+
+def test_decoder_records_never_mix_into_the_model_alone_metrics():
+    alone = control_run(lambda estimate, budget: estimate) + MAIN
+    # A cap decoder makes every response fit the budget and forces an answer on the longer ones.
+    capped = control_run(lambda estimate, budget: min(estimate, budget), decoded_by="cap", forced=True)
+    capped += [{**r, "decoder": "cap", "forced": i % 2 == 0, "length": r["length"] // 2} for i, r in enumerate(MAIN)]
+    both = summarize(alone + capped)
+    shared = {"decoders", "grading_failures"}  # grading failures are counted over every record
+    assert {k: v for k, v in both.items() if k not in shared} == {
+        k: v for k, v in summarize(alone).items() if k not in shared
+    }
+    assert both["control_slope"] == pytest.approx(0.0, abs=1e-9)
+    assert summarize(alone)["decoders"] == {}
+    cap = both["decoders"]["cap"]
+    assert cap["n"] == len(MAIN) and cap["n_control"] == len(ESTIMATES) * len(MULTIPLIERS)
+    assert cap["forced_rate"] == pytest.approx(3 / 5)
+    assert cap["mean_tokens"] == pytest.approx(sum(r["length"] // 2 for r in MAIN) / 5)
+    assert 0.4 < cap["control_slope"] < 1.0  # below the estimate it follows, above it does not
+    assert [row["forced_rate"] for row in cap["control"]] == [1.0] * len(MULTIPLIERS)
+    assert [row["forced_rate"] for row in both["control"]] == [0.0] * len(MULTIPLIERS)
+    assert metrics.by_decoder(capped + alone).keys() == {"model", "cap"}
+    assert list(metrics.by_decoder(capped + alone)) == ["model", "cap"]  # the model alone first

@@ -5,12 +5,29 @@ Record schema:
     id, difficulty (number | None), gold, response (full text), prefill_budget (int | None),
     control_multiplier (float | None), budget (int | None: parsed or prefilled), length (int: solution
     tokens; whole-response tokens when the format is broken), format_ok (bool), format_error (str | None),
-    correct (bool), grading_error (str | None), predicted (str | None), sample (int), and on the embedded
+    correct (bool), grading_error (str | None), predicted (str | None), sample (int), decoder (str:
+    "model" when the model wrote the response alone, else the decode-time budget option that shaped it:
+    "cap", "extend", "cap_extend"; missing means "model"), forced (bool: the decoder changed the
+    response), on control records min_solution_tokens (int | None: tokens of the question's reference
+    solution, the least a correct answer needs; None when the dataset has none), and on the embedded
     task filler_tokens (int | None: tokens of the solution's filler lines, `task.split_filler`)
 
 Records with a `control_multiplier` come from user-budget control runs (the budget was prefilled at a
 multiple of the model's own estimate); they feed only the `control*` metrics. Everything else is computed
 on the other records. Budget adherence uses well-formed records only: a broken response has no budget.
+
+Records of a decoder other than "model" never enter the top-level metrics, which describe the model
+alone; each decoder gets the same summary of its own records under `decoders`.
+
+User control (METHOD.md, "User control, how we measure it"), on control records:
+1. `control_slope`: per question, the least-squares slope of log(length) on log(user budget) over its
+   well-formed records (at least two distinct budgets); the median over questions. 1 means the length
+   follows the budget, 0 that it ignores it. One regression pooled over all questions is not reported: it
+   reads ~0.06 for a model that ignores the budget, from the spread of its own estimates alone.
+2. `control_within_20`: the share of records with |length - budget| <= 0.2 budget, over reachable budgets
+   only (budget >= min_solution_tokens; every budget when that is unknown). A broken response is a miss.
+3. `control_accuracy`: per multiplier, accuracy (broken responses are wrong), accuracy on the hardest
+   third of the control questions by difficulty (ties at the cut included), mean length and within_20.
 
 Every value returned is plain Python (float, int, str, None, list, dict), NaN becomes None: JSON-ready.
 """
@@ -51,13 +68,30 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
 
-def main_records(records: Iterable[Record]) -> list[Record]:
-    """The records of the ordinary evaluation: not user-budget control runs."""
-    return [r for r in records if r.get("control_multiplier") is None]
+MODEL = "model"  # the decoder of a response the model wrote alone
 
 
-def control_records(records: Iterable[Record]) -> list[Record]:
-    return [r for r in records if r.get("control_multiplier") is not None]
+def decoder(record: Record) -> str:
+    """Which decoder made the record: "model" (the model alone) or a decode-time budget option."""
+    return record.get("decoder") or MODEL
+
+
+def by_decoder(records: Iterable[Record]) -> dict[str, list[Record]]:
+    """Records grouped by decoder, the model alone first, then the others by name."""
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(decoder(r), []).append(r)
+    return {name: groups[name] for name in sorted(groups, key=lambda name: (name != MODEL, name))}
+
+
+def main_records(records: Iterable[Record], decoded_by: str = MODEL) -> list[Record]:
+    """The records of the ordinary evaluation (not user-budget control runs) made by one decoder."""
+    return [r for r in records if r.get("control_multiplier") is None and decoder(r) == decoded_by]
+
+
+def control_records(records: Iterable[Record], decoded_by: str = MODEL) -> list[Record]:
+    """The user-budget control records made by one decoder (the model alone unless told otherwise)."""
+    return [r for r in records if r.get("control_multiplier") is not None and decoder(r) == decoded_by]
 
 
 def budgeted(records: Iterable[Record]) -> list[Record]:
@@ -141,45 +175,107 @@ def adherence(records: Iterable[Record]) -> dict[str, Any]:
     return out
 
 
+# METHOD.md's tolerance for meeting a user budget: |length - budget| <= 0.2 budget.
+CONTROL_TOLERANCE = 0.2
+# The share of control questions, hardest first, that `accuracy_hard` is measured on.
+HARD_SHARE = 1 / 3
+
+
 def _control_budget(record: Record) -> int | None:
     return record.get("prefill_budget") or record.get("budget")
 
 
-def control_curve(records: Iterable[Record]) -> list[dict[str, Any]]:
-    """The user-budget control table: one row per multiplier of the model's own estimate.
+def reachable(record: Record) -> bool:
+    """Whether a control record's user budget is at least the question's minimal correct solution length
+    (`min_solution_tokens`); every budget is reachable when that length is unknown."""
+    need = record.get("min_solution_tokens")
+    budget = _control_budget(record)
+    return budget is not None and (need is None or budget >= need)
+
+
+def met_budget(record: Record) -> bool:
+    """A well-formed response whose length is within ±20% of its user budget; a broken one is a miss."""
+    budget = _control_budget(record)
+    if not record.get("format_ok") or not budget:
+        return False
+    # The epsilon keeps an exact boundary (length 120 for budget 100) inside despite rounding.
+    return abs(record["length"] - budget) <= CONTROL_TOLERANCE * budget + 1e-12
+
+
+def question_slopes(records: Iterable[Record], decoded_by: str = MODEL) -> dict[str, float]:
+    """Per question id: the least-squares slope of log(length) on log(user budget) over its well-formed
+    control records; questions with fewer than two distinct budgets have none."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in control_records(records, decoded_by):
+        budget = _control_budget(r)
+        if r.get("format_ok") and budget:
+            points.setdefault(str(r["id"]), []).append((math.log(budget), math.log(max(r["length"], 1))))
+    slopes = {}
+    for qid, pairs in points.items():
+        slope, _ = linear_fit([x for x, _ in pairs], [y for _, y in pairs])
+        if slope is not None:
+            slopes[qid] = slope
+    return slopes
+
+
+def control_slope(records: Iterable[Record], decoded_by: str = MODEL) -> float | None:
+    """The median over questions of the per-question slope (1: the length follows the budget, 0: ignores it)."""
+    slopes = list(question_slopes(records, decoded_by).values())
+    return float(np.median(slopes)) if slopes else None
+
+
+def control_within(records: Iterable[Record], decoded_by: str = MODEL) -> float | None:
+    """The share of control records over reachable budgets whose length is within ±20% of the budget."""
+    return _mean([met_budget(r) for r in control_records(records, decoded_by) if reachable(r)])
+
+
+def hardest_questions(records: Iterable[Record], share: float = HARD_SHARE) -> set[str]:
+    """Ids of the hardest `share` of the questions by difficulty (ties at the cut included; none without
+    difficulties)."""
+    difficulty = {str(r["id"]): r["difficulty"] for r in records if r.get("difficulty") is not None}
+    if not difficulty:
+        return set()
+    ranked = sorted(difficulty.values(), reverse=True)
+    cut = ranked[max(1, round(share * len(ranked))) - 1]
+    return {qid for qid, value in difficulty.items() if value >= cut}
+
+
+def control_curve(records: Iterable[Record], decoded_by: str = MODEL) -> list[dict[str, Any]]:
+    """The user-budget control table of one decoder: one row per multiplier of the model's own estimate.
 
     `length_over_estimate` is mean(length / own estimate), own estimate = prefill budget / multiplier;
-    perfect control puts it on the multiplier itself.
+    perfect control puts it on the multiplier itself. `within_20` counts reachable budgets only (of which
+    there are `n_reachable`); `accuracy_hard` is the accuracy on the hardest third of the control questions.
     """
+    control = control_records(records, decoded_by)
+    hard = hardest_questions(control)
     by_multiplier: dict[float, list[Record]] = {}
-    for r in control_records(records):
+    for r in control:
         by_multiplier.setdefault(float(r["control_multiplier"]), []).append(r)
     rows = []
     for multiplier in sorted(by_multiplier):
         group = by_multiplier[multiplier]
         ok = [r for r in group if r.get("format_ok") and _control_budget(r)]
-        ratios = [r["length"] * multiplier / _control_budget(r) for r in ok]
+        reachable_group = [r for r in group if reachable(r)]
         rows.append(
             {
                 "multiplier": multiplier,
                 "n": len(group),
                 "mean_budget": _mean([_control_budget(r) for r in group if _control_budget(r)]),
                 "mean_length": mean_length(group),
-                "length_over_estimate": _mean(ratios),
-                "within_20": _mean([abs(r["length"] - _control_budget(r)) <= 0.2 * _control_budget(r) for r in ok]),
+                "length_over_estimate": _mean([r["length"] * multiplier / _control_budget(r) for r in ok]),
+                "n_reachable": len(reachable_group),
+                "within_20": _mean([met_budget(r) for r in reachable_group]),
                 "accuracy": accuracy(group),
+                "accuracy_hard": accuracy([r for r in group if str(r["id"]) in hard]),
                 "format_ok_rate": _mean([bool(r.get("format_ok")) for r in group]),
+                "forced_rate": _mean([bool(r.get("forced")) for r in group]),
             }
         )
     return rows
 
 
-def control_fit(records: Iterable[Record]) -> tuple[float | None, float | None]:
-    """Slope of length on the prefilled budget across all well-formed control records, and within 20%."""
-    rows = [r for r in control_records(records) if r.get("format_ok") and _control_budget(r)]
-    slope, _ = linear_fit([_control_budget(r) for r in rows], [r["length"] for r in rows])
-    within_20 = _mean([abs(r["length"] - _control_budget(r)) <= 0.2 * _control_budget(r) for r in rows])
-    return slope, within_20
+CONTROL_ACCURACY_KEYS = ("multiplier", "accuracy", "accuracy_hard", "mean_length", "within_20")
 
 
 def filler(records: Sequence[Record]) -> tuple[float | None, float | None]:
@@ -208,30 +304,49 @@ def format_failures(records: Sequence[Record], examples: int = FAILURE_EXAMPLES)
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["count"]))
 
 
-def summarize(records: Iterable[Record], baseline_mean_tokens: float | None = None) -> dict[str, Any]:
-    """Every metric of one evaluation run as a flat, JSON-ready dict (see the module docstring)."""
-    records = list(records)
-    main = main_records(records)
+def _summary(records: Sequence[Record], baseline_mean_tokens: float | None, decoded_by: str) -> dict[str, Any]:
+    """The metrics of the records one decoder made (see the module docstring)."""
+    main = main_records(records, decoded_by)
     mean_tokens = mean_length(main)
-    control_slope, control_within_20 = control_fit(records)
     mean_filler, filler_share = filler(main)
-    summary: dict[str, Any] = {
+    curve = control_curve(records, decoded_by)
+    return {
         "n": len(main),
-        "n_control": len(records) - len(main),
+        "n_control": len(control_records(records, decoded_by)),
         "accuracy": accuracy(main),
         "mean_tokens": mean_tokens,
         "median_tokens": median_length(main),
         "compression": compression(mean_tokens, baseline_mean_tokens),
         **adherence(main),
         "spearman_budget_difficulty": spearman_budget_difficulty(main),
-        "control_slope": control_slope,
-        "control_within_20": control_within_20,
-        "control": control_curve(records),
+        "control_slope": control_slope(records, decoded_by),
+        "control_within_20": control_within(records, decoded_by),
+        "control": curve,
+        "control_accuracy": [{key: row[key] for key in CONTROL_ACCURACY_KEYS} for row in curve],
         "mean_filler_tokens": mean_filler,
         "filler_share": filler_share,
         "format_failure_rate": _mean([not r.get("format_ok") for r in main]),
         "format_failures": format_failures(main),
-        # All records, control runs included: any grading failure deserves a look.
-        "grading_failures": sum(r.get("grading_error") is not None for r in records),
     }
+
+
+def summarize(records: Iterable[Record], baseline_mean_tokens: float | None = None) -> dict[str, Any]:
+    """Every metric of one evaluation run as a flat, JSON-ready dict (see the module docstring).
+
+    The top level describes the model alone; `decoders` maps each decode-time budget option present to the
+    same summary of its own records, plus `forced_rate` (the share of its main records it changed).
+    """
+    records = list(records)
+    groups = by_decoder(records)
+    summary = _summary(groups.get(MODEL, []), baseline_mean_tokens, MODEL)
+    summary["decoders"] = {
+        name: {
+            **_summary(rows, baseline_mean_tokens, name),
+            "forced_rate": _mean([bool(r.get("forced")) for r in main_records(rows, name)]),
+        }
+        for name, rows in groups.items()
+        if name != MODEL
+    }
+    # All records, control runs and decoders included: any grading failure deserves a look.
+    summary["grading_failures"] = sum(r.get("grading_error") is not None for r in records)
     return _clean(summary)
