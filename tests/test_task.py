@@ -35,47 +35,93 @@ def test_rows_agree_with_their_problem(row):
     assert str(problem.answer) == row.answer
     assert all(0 <= v <= 9 for v in problem.values())
     assert is_correct(row.solution, row.answer)
-    # the minimal solution grows with the difficulty: one line per step, plus the answer
-    assert len(row.solution.splitlines()) == row.difficulty + 1
+    # the reference solution is the minimal one: the whole chain on one line, then the answer
+    assert row.solution.splitlines()[0].startswith("1) " if row.difficulty == 1 else f"1-{row.difficulty}) ")
+    assert len(row.solution.splitlines()) == 2
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_traces_are_correct_and_filler_splits_off(seed):
-    row = task.load_split("test")[seed * 19]
-    problem = task.parse_question(row.question)
-    trace = task.render_trace(problem, random.Random(seed), filler_tokens=1 + seed)
-    assert is_correct(trace, row.answer)
-    essential, filler = task.split_filler(trace)
-    assert filler  # a trace with a filler budget overthinks
-    if "not" not in trace:  # no slip: what remains is exactly the minimal solution
-        assert essential == task.minimal_solution(problem)
+def test_wording_varies_and_parses_back():
+    rng = random.Random(0)
+    problems = [task.sample_problem(rng, rng.randint(1, 8)) for _ in range(400)]
+    questions = [p.question() for p in problems]
+    assert len({q.split(".")[0].split(" ")[0] for q in questions}) >= 5  # several openings
+    assert len({p.noun for p in problems}) >= 100  # listed and made-up object words
+    for p, q in zip(problems, questions):
+        back = task.parse_question(q)
+        assert (back.start, back.ops, back.noun) == (p.start, p.ops, p.noun)
+
+
+def test_unseen_objects_are_never_used():
+    words = {task.parse_question(r.question).noun for s in task.SPLITS for r in task.load_split(s)}
+    assert not words & set(task.UNSEEN_OBJECTS)
+    rows = task.reworded(task.load_split("test")[:40])
+    assert {task.parse_question(r.question).noun for r in rows} <= set(task.UNSEEN_OBJECTS)
+    assert [r.answer for r in rows] == [r.answer for r in task.load_split("test")[:40]]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_traces_are_correct_and_their_first_pass_is_right_unless_it_slipped(seed):
+    rng = random.Random(seed)
+    problem = task.sample_problem(rng, 1 + seed % 8)
+    trace = task.render_trace(problem, rng)
+    assert is_correct(trace, str(problem.answer))
+    slipped = "Wait, the check gives" in trace
+    assert task.first_error(problem, trace) == ("arithmetic" if slipped else None)
+
+
+def test_plans_trade_length_for_granularity(embedded_tokenizer):
+    """Direct < chunked < stepwise < verified, in tokens, for a long chain; every plan answers correctly."""
+    problem = task.sample_problem(random.Random(3), 8)
+    plans = [task.minimal_plan(problem), task.Plan(task.random_chunks(random.Random(0), 8, 3)),
+             task.stepwise_plan(problem), task.Plan((1,) * 8, checks=1)]
+    texts = [task.render(problem, plan) for plan in plans]
+    lengths = [len(embedded_tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4
+    assert all(is_correct(t, str(problem.answer)) for t in texts)
+    assert lengths[-1] >= 2 * lengths[0]
+
+
+def test_a_slip_is_repaired_by_the_verification_pass():
+    problem = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))
+    text = task.render(problem, task.Plan((3,), checks=1), random.Random(0), slip=True)
+    first = text.splitlines()[0]
+    assert first.startswith("1-3) 3+4-5+6=") and not first.endswith("=8")
+    assert text.endswith("\\boxed{8}.")
+    with pytest.raises(ValueError):
+        task.render(problem, task.stepwise_plan(problem), slip=True)
+
+
+def test_base_traces_overthink_easy_questions(embedded_tokenizer):
+    """The base model's habits: on 1-3 step questions its traces average >= 2.5x the minimal solution."""
+    rng = random.Random(0)
+    ratios = []
+    for row in [r for r in task.load_split("train") if r.difficulty <= 3][:300]:
+        problem = task.parse_question(row.question)
+        n = lambda t: len(embedded_tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
+        ratios.append(n(task.render_trace(problem, rng)) / n(row.solution))
+    assert sum(ratios) / len(ratios) >= 2.5
 
 
 def test_filler_amount_ignores_difficulty():
     rng = random.Random(0)
     mean_filler = {}
     for steps in (1, 8):
-        rows = [r for r in task.load_split("train") if r.difficulty == steps][:200]
-        sizes = [len(task.split_filler(task.render_trace(task.parse_question(r.question), rng))[1]) for r in rows]
+        rows = [r for r in task.load_split("train") if r.difficulty == steps][:300]
+        sizes = [task._rough_tokens("\n".join(line for line in task.split_filler(
+            task.render_trace(task.parse_question(r.question), rng))[1].splitlines() if "Check" not in line))
+            for r in rows]
         mean_filler[steps] = sum(sizes) / len(sizes)
-    assert mean_filler[8] == pytest.approx(mean_filler[1], rel=0.25)
+    assert mean_filler[8] == pytest.approx(mean_filler[1], rel=0.3)
 
 
-def test_filler_amount_ranges_from_none_to_a_lot():
-    rng = random.Random(0)
-    problem = task.parse_question(task.load_split("test")[5].question)
-    sizes = [task._rough_tokens(task.split_filler(task.render_trace(problem, rng))[1]) for _ in range(400)]
-    assert min(sizes) <= 10 and max(sizes) >= task.FILLER_TOKENS[1] - 5
-    assert task.render_trace(problem, rng, filler_tokens=0).count("Check step") == 0
-
-
-@pytest.mark.parametrize("bad", ["", "What is 2+3?", "Start with 3 apples. What now?"])
+@pytest.mark.parametrize("bad", ["", "What is 2+3?", "Start with 3 apples. What now?",
+                                 "Start with 3 apples. 2) add 4. How many apples now?"])
 def test_parse_question_rejects_other_text(bad):
     with pytest.raises(ValueError, match="not an embedded-task question"):
         task.parse_question(bad)
 
 
-def test_filler_tokens_counts_only_filler_lines(embedded_tokenizer):
+def test_filler_tokens_counts_only_extra_lines(embedded_tokenizer):
     problem = task.parse_question(task.load_split("test")[7].question)
     minimal = task.minimal_solution(problem)
     assert task.filler_tokens(embedded_tokenizer, minimal) == 0
@@ -102,24 +148,15 @@ _PROBLEM = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))
         ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nSo the answer is \\boxed{6}.", "final answer"),
         ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nno box", "final answer"),
         ("", "missing step"),
+        ("1-3) 3+4-5+6=8\nSo the answer is \\boxed{8}.", None),
+        ("1-2) 3+4-5=2\n3) 2+6=8\nSo the answer is \\boxed{8}.", None),
+        ("1-3) 3+4-5+6=9\nSo the answer is \\boxed{9}.", "arithmetic"),
+        ("1-2) 3+4-6=1\n3) 1+6=7\nSo the answer is \\boxed{7}.", "operand"),
     ],
 )
 def test_first_error_names_what_went_wrong_first(response, kind):
     assert task.first_error(_PROBLEM, response) == kind
     assert kind is None or kind in task.ERROR_KINDS
-
-
-def test_first_error_of_rendered_traces():
-    """A trace without a slip has no error; one with a slip starts with an arithmetic error it repairs."""
-    rng = random.Random(0)
-    seen = set()
-    for _ in range(300):
-        problem = task.sample_problem(rng, rng.randint(task.SLIP_MIN_STEPS, task.MAX_STEPS))
-        trace = task.render_trace(problem, rng)
-        kind = task.first_error(problem, trace)
-        assert kind == (None if "Wait, let me check step" not in trace else "arithmetic")
-        seen.add(kind)
-    assert seen == {None, "arithmetic"}
 
 
 @pytest.mark.parametrize(

@@ -53,6 +53,7 @@ class BaseTrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-3
     warmup_steps: int = 20
+    init: Path | None = None  # start from this model (and its tokenizer) instead of random weights
 
 
 def _tokenizer_corpus(rng: random.Random, n: int = 3000) -> list[str]:
@@ -148,9 +149,13 @@ def train_base(cfg: BaseTrainConfig) -> Path:
     """
     from transformers import AutoModelForCausalLM, set_seed
 
+    from transformers import AutoTokenizer
+
     work = cfg.out.parent / f".{cfg.out.name}-work"
-    tokenizer = build_tokenizer(cfg.vocab_size, cfg.seed)
-    model_dir = None
+    if cfg.init is None:
+        tokenizer, model_dir = build_tokenizer(cfg.vocab_size, cfg.seed), None
+    else:
+        tokenizer, model_dir = AutoTokenizer.from_pretrained(cfg.init), Path(cfg.init)
     start = time.time()
     for r in range(1, cfg.rounds + 1):
         done = work / f"round-{r}" / "model"
@@ -224,6 +229,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     defaults = BaseTrainConfig()
     for name, value in vars(defaults).items():
+        if name == "init":
+            parser.add_argument("--init", type=Path, default=None,
+                                help="start from this model folder (weights and tokenizer) instead of random weights")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default {value})")
     return parser
 

@@ -1,29 +1,34 @@
-"""The embedded task: multi-step arithmetic chains with graded difficulty, and the base model's traces.
+"""The embedded task: arithmetic chains with graded difficulty, solved in ways whose length is worth something.
 
-A problem starts from a one-digit count of some object and applies 1..8 additions or subtractions:
+A problem starts from a one-digit count of some object and applies 1..8 additions or subtractions, worded in
+several ways (an opening sentence, a verb per operation, a closing question, any object word):
 
-    question: Start with 3 apples. 1) add 4 2) subtract 5 3) add 6. How many apples now?
-    minimal:  1) 3+4=7
-              2) 7-5=2
-              3) 2+6=8
-              So the answer is \\boxed{8}.
+    question: Tom has 3 apples. 1) gets 4 2) loses 5 3) finds 6. How many apples are there now?
 
-Every running value stays in 0..9: a few-million-parameter model trained from scratch on a 2-core CPU for
-half an hour learns one-digit facts and the step-by-step bookkeeping reliably, but not two-digit carries
-(measured: 7.5% accuracy on two-digit chains after the same training). The object word only varies the
-question text, so that the held-out splits can hold 50 distinct one-step questions.
+Every running value stays in 0..9: a few-million-parameter model trained on a 2-core CPU learns one-digit
+facts and the step-by-step bookkeeping reliably, but not two-digit carries.
 
-The difficulty is the number of steps, and the minimal correct solution grows linearly with it, so a good
-budget has to depend on the question. `render_trace` writes what an overthinking reasoning model writes:
-the needed steps, then re-verification and filler whose amount is drawn independently of the difficulty
-(in real reasoning models most of the savings come from such filler). The amount is uniform from none to
-a lot, as a real model's length varies between samples of one question, so its own correct answers include
-concise ones and the budgets a cold start learns from them reach down to what a question needs (measured:
-with a floor of 40 rough tokens, GRPO never sampled a budget that low). On longer chains a trace sometimes
-makes an arithmetic slip that its verification pass catches and repairs, so cutting verification away is
-not entirely free.
+A solution is a plan: how many operations each line combines, how many verification passes follow, how much
+filler. Lines that combine several operations are short and, for a tiny model, error-prone (it must sum the
+chain in one forward pass); one operation per line is longer and reliable; a verification pass recomputes the
+chain step by step and the answer follows it, so it repairs a slip of the first pass:
 
-Splits are fixed by their seeds; train excludes every validation and test question.
+    direct (minimal):  1-3) 3+4-5+6=8                          14 tokens of work
+    chunked:           1-2) 3+4-5=2 / 3) 2+6=8
+    stepwise:          1) 3+4=7 / 2) 7-5=2 / 3) 2+6=8          24 tokens
+    + verification:    Check 1) 3+4=7 / Check 2) 7-5=2 / ...   +10 tokens a step
+                       So the answer is \\boxed{8}.
+
+So tokens buy accuracy (finer steps, verification), and a budget has something to choose between. The base
+model's traces (`render_trace`) mix the plans at random and add filler drawn independently of the
+difficulty, so the base model overthinks easy questions the way reasoning models do, while its own correct
+answers span short and long plans: a cold start that labels them with their lengths pairs each budget with
+a plan that fits it. Traces sometimes open with a preamble (a sentence, or tags of any name around a number)
+so that what precedes the first step, a prefilled budget for one, does not derail the model; object words
+are drawn from a large list and from made-up words, so new words do not either.
+
+Splits are fixed by their seeds; train excludes every validation and test question. `UNSEEN_OBJECTS` are
+never used by any split or trace: they measure robustness to new wording.
 """
 
 from __future__ import annotations
@@ -42,17 +47,25 @@ MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
 SOURCE = "embedded"
 
-FILLER_TOKENS = (0, 140)  # the filler of one trace, drawn uniformly, whatever the difficulty
-SLIP_RATE = 0.12  # share of traces with >= SLIP_MIN_STEPS steps that make a slip and repair it
-SLIP_MIN_STEPS = 4
+FILLER_TOKENS = (0, 50)  # rough tokens (about 0.7 of a real token each) of filler in one base trace, uniform, whatever the difficulty
+PREAMBLE_RATE = 0.3  # share of base traces that open with a preamble before the first step
+SLIP_RATE = 0.35  # share of verified traces ending in a combined line whose first pass slips
 
-_OPS = {"add": "+", "subtract": "-"}
+_PLUS = ("add", "gets", "finds", "buys", "gains", "receives")
+_MINUS = ("subtract", "loses", "gives away", "eats", "sells", "drops")
+_VERB_OP = {**{v: "+" for v in _PLUS}, **{v: "-" for v in _MINUS}}
 _OBJECTS = (
     "apples", "books", "coins", "cards", "birds", "stones", "shells", "pens", "cups", "boxes",
     "eggs", "keys", "bells", "stars", "hats", "rings", "beads", "shoes", "leaves", "seeds",
+    "plums", "socks", "bowls", "nuts", "pears", "toys", "fish", "flags", "drums", "maps",
+    "coats", "bikes", "ducks", "jars", "cakes", "dolls", "nails", "ropes", "tiles", "forks",
 )
-_QUESTION = re.compile(r"Start with (\d+) (\w+)\.((?: \d+\) (?:add|subtract) \d+)+)\. How many (\w+) now\?")
-_STEP = re.compile(r"\d+\) (add|subtract) (\d+)")
+UNSEEN_OBJECTS = ("marbles", "kites", "robots", "lamps", "candles", "tickets", "buttons", "pebbles")
+_NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Ivy", "Ben", "Zoe")
+_OPENINGS = ("Start with {s} {noun}.", "You have {s} {noun}.", "{name} has {s} {noun}.",
+             "A box holds {s} {noun}.", "There are {s} {noun}.")
+_CLOSINGS = ("How many {noun} now?", "How many {noun} are there now?", "How many {noun} at the end?",
+             "What is the number of {noun} now?")
 
 _FILLER = (
     "Wait, let me double-check.",
@@ -63,6 +76,11 @@ _FILLER = (
     "Hmm, is that correct?",
     "Okay, let me go over it again.",
 )
+_PREAMBLES = ("Let me solve this step by step.", "Okay.", "Sure, here is my work.", "Let me think.",
+              "I will compute it line by line.")
+
+_OPENING = re.compile(r"(?:Start with|You have|\w+ has|A box holds|There are) (\d+) \S+\.")
+_OP = re.compile(r"(\d+)\) (" + "|".join(sorted(_VERB_OP, key=len, reverse=True)) + r") (\d+)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +88,7 @@ class Problem:
     start: int
     ops: tuple[tuple[str, int], ...]  # ("+" | "-", operand)
     noun: str = "apples"
+    wording: tuple[int, ...] = ()  # opening, closing, name, then one verb index per operation; () = plain
 
     @property
     def steps(self) -> int:
@@ -87,20 +106,31 @@ class Problem:
         return self.values()[-1]
 
     def question(self) -> str:
-        words = {sym: word for word, sym in _OPS.items()}
-        listed = " ".join(f"{i}) {words[op]} {b}" for i, (op, b) in enumerate(self.ops, 1))
-        return f"Start with {self.start} {self.noun}. {listed}. How many {self.noun} now?"
+        opening, closing, name, *verbs = self.wording or (0, 0, 0, *([0] * self.steps))
+        words = [(_PLUS if op == "+" else _MINUS)[v] for (op, _), v in zip(self.ops, verbs)]
+        listed = " ".join(f"{i}) {w} {b}" for i, (w, (_, b)) in enumerate(zip(words, self.ops), 1))
+        first = _OPENINGS[opening].format(s=self.start, noun=self.noun, name=_NAMES[name])
+        return f"{first} {listed}. {_CLOSINGS[closing].format(noun=self.noun)}"
 
 
 def parse_question(question: str) -> Problem:
-    match = _QUESTION.fullmatch(question.strip())
-    if not match:
+    """The problem behind any wording of an embedded question (the wording itself is not recovered)."""
+    opening = _OPENING.match(question.strip())
+    ops = _OP.findall(question)
+    if not opening or not ops or [int(i) for i, _, _ in ops] != list(range(1, len(ops) + 1)):
         raise ValueError(f"not an embedded-task question: {question[:80]!r}")
-    ops = tuple((_OPS[word], int(b)) for word, b in _STEP.findall(match.group(3)))
-    return Problem(int(match.group(1)), ops, match.group(2))
+    noun = question.strip().split(".")[0].split()[-1]
+    return Problem(int(opening.group(1)), tuple((_VERB_OP[v], int(b)) for _, v, b in ops), noun)
 
 
-def sample_problem(rng: random.Random, steps: int) -> Problem:
+def made_up_word(rng: random.Random) -> str:
+    """A pronounceable made-up plural noun ("bevos", "tuniks"): wording the model cannot have memorised."""
+    syllables = rng.randint(1, 3)
+    word = "".join(rng.choice("bcdfghjklmnprstvz") + rng.choice("aeiou") for _ in range(syllables))
+    return word + rng.choice(("s", "ks", "ns", "ts"))
+
+
+def sample_problem(rng: random.Random, steps: int, noun: str | None = None) -> Problem:
     """Every operand and running value is one digit (0..9), and every step changes the value."""
     value = rng.randint(0, 9)
     start, ops = value, []
@@ -109,88 +139,167 @@ def sample_problem(rng: random.Random, steps: int) -> Problem:
         b = rng.randint(1, 9 - value) if op == "+" else rng.randint(1, value)
         value = value + b if op == "+" else value - b
         ops.append((op, b))
-    return Problem(start, tuple(ops), rng.choice(_OBJECTS))
+    if noun is None:
+        noun = rng.choice(_OBJECTS) if rng.random() < 0.7 else made_up_word(rng)
+    return Problem(start, tuple(ops), noun, _wording(rng, steps))
 
 
-def _step_line(i: int, a: int, op: str, b: int, c: int) -> str:
-    return f"{i}) {a}{op}{b}={c}"
+# --- solutions -----------------------------------------------------------------------------------------------
 
 
-def minimal_solution(problem: Problem) -> str:
-    values = problem.values()
-    lines = [_step_line(i, values[i - 1], op, b, values[i]) for i, (op, b) in enumerate(problem.ops, 1)]
-    return "\n".join(lines) + f"\nSo the answer is \\boxed{{{problem.answer}}}."
+@dataclass(frozen=True)
+class Plan:
+    """How a solution is written: operations per line of the first pass, verification passes, filler."""
+
+    chunks: tuple[int, ...]  # sizes of the first pass's lines, summing to the number of steps
+    checks: int = 0  # step-by-step verification passes after the first pass
+    filler: int = 0  # rough tokens of filler lines
+    preamble: str = ""  # text before the first step
 
 
-def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> str:
-    """An overthinking trace: the steps (perhaps with a slip), then verification and filler, then the answer.
+def _line(first: int, last: int, values: list[int], ops, prefix: str = "") -> str:
+    index = f"{first}" if first == last else f"{first}-{last}"
+    expr = f"{values[first - 1]}" + "".join(f"{op}{b}" for op, b in ops[first - 1 : last])
+    return f"{prefix}{index}) {expr}={values[last]}"
 
-    `filler_tokens` is approximate (one token per digit, word or symbol); drawn from FILLER_TOKENS if None.
-    """
-    values = problem.values()
-    n = problem.steps
-    slip = n >= SLIP_MIN_STEPS and rng.random() < SLIP_RATE
-    slip_at = rng.randint(1, n) if slip else 0
-    lines = []
+
+def answer_line(answer: int) -> str:
+    return f"So the answer is \\boxed{{{answer}}}."
+
+
+def render(problem: Problem, plan: Plan, rng: random.Random | None = None, slip: bool = False) -> str:
+    """The solution that `plan` describes. With `slip` (for a plan whose last line combines operations and
+    that verifies), the first pass ends one off, the verification pass recomputes the chain and notices, and
+    the answer follows it."""
+    rng = rng or random.Random(0)
+    values, ops = problem.values(), problem.ops
+    lines = [plan.preamble] if plan.preamble else []
+    first = 1
+    for size in plan.chunks:
+        lines.append(_line(first, first + size - 1, values, ops))
+        first += size
     if slip:
-        wrong = values[:]
-        delta = rng.choice((-1, 1))
-        for i in range(slip_at, n + 1):
-            wrong[i] = values[i] + delta
-        lines += [_step_line(i, wrong[i - 1], op, b, wrong[i]) for i, (op, b) in enumerate(problem.ops, 1)]
-        a, (op, b) = values[slip_at - 1], problem.ops[slip_at - 1]
-        lines.append(f"Wait, let me check step {slip_at}: {a}{op}{b}={values[slip_at]}, not {wrong[slip_at]}.")
-        lines += [
-            _step_line(i, values[i - 1], op, b, values[i])
-            for i, (op, b) in enumerate(problem.ops[slip_at - 1 :], slip_at)
-        ]
-    else:
-        lines += [_step_line(i, values[i - 1], op, b, values[i]) for i, (op, b) in enumerate(problem.ops, 1)]
-
-    budget = rng.randint(*FILLER_TOKENS) if filler_tokens is None else filler_tokens
-    spent = 0
-    while spent < budget:
-        if rng.random() < 0.5:
-            i = rng.randint(1, n)
-            op, b = problem.ops[i - 1]
-            line = f"Check step {i}: {values[i - 1]}{op}{b}={values[i]}. Yes."
-        else:
-            line = rng.choice(_FILLER)
-        lines.append(line)
-        spent += _rough_tokens(line)
-    lines.append(f"So the answer is \\boxed{{{problem.answer}}}.")
+        if plan.chunks[-1] < 2 or not plan.checks:
+            raise ValueError("a slip needs a combined last line and a verification pass")
+        true = values[-1]
+        wrong = true + rng.choice([d for d in (-1, 1) if 0 <= true + d <= 9])
+        lines[-1] = lines[-1][: -len(str(true))] + str(wrong)
+    filler_lines = _filler(rng, plan.filler)
+    split = rng.randint(0, len(filler_lines))
+    lines += filler_lines[:split]
+    for _ in range(plan.checks):
+        lines += [_line(i, i, values, ops, "Check ") for i in range(1, problem.steps + 1)]
+    if slip:
+        lines.append(f"Wait, the check gives {values[-1]}, not {wrong}.")
+    lines += filler_lines[split:]
+    lines.append(answer_line(problem.answer))
     return "\n".join(lines)
 
 
-# A step line as `_step_line` writes it (and a model may get wrong): "3) 7-5=2".
-_STEP_LINE = re.compile(r"(\d+)\) (-?\d+)([+-])(-?\d+)=(-?\d+)$")
+def _filler(rng: random.Random, tokens: int) -> list[str]:
+    lines, spent = [], 0
+    while spent < tokens:
+        lines.append(rng.choice(_FILLER))
+        spent += _rough_tokens(lines[-1])
+    return lines
+
+
+def minimal_plan(problem: Problem) -> Plan:
+    return Plan(chunks=(problem.steps,))
+
+
+def stepwise_plan(problem: Problem) -> Plan:
+    return Plan(chunks=(1,) * problem.steps)
+
+
+def minimal_solution(problem: Problem) -> str:
+    """The shortest correct solution: the whole chain on one line, then the answer."""
+    return render(problem, minimal_plan(problem))
+
+
+def random_chunks(rng: random.Random, steps: int, size: int) -> tuple[int, ...]:
+    """Line sizes of `size` operations each (the last line takes the rest), `size` >= steps = one line."""
+    chunks = [size] * (steps // size) + ([steps % size] if steps % size else [])
+    return tuple(chunks)
+
+
+def _preamble(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        return rng.choice(_PREAMBLES)
+    # Tags of any name around a number, as a prefilled budget looks: the model learns to read past them.
+    a, b = made_up_word(rng)[:-1], made_up_word(rng)[:-1]
+    return f"<{a}>{rng.randint(1, 400)}</{a}><{b}>"
+
+
+def sample_plan(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> Plan:
+    """The base model's habits: mostly one operation per line, sometimes combined lines, verification passes
+    and filler drawn independently of the question."""
+    n = problem.steps
+    r = rng.random()
+    size = 1 if r < 0.55 else n if r < 0.75 else rng.choice((2, 3))
+    checks = rng.choices((0, 1, 2), weights=(0.45, 0.45, 0.10))[0]
+    filler = rng.randint(*FILLER_TOKENS) if filler_tokens is None else filler_tokens
+    preamble = _preamble(rng) if rng.random() < PREAMBLE_RATE else ""
+    return Plan(random_chunks(rng, n, size), checks, filler, preamble)
+
+
+def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> str:
+    """A base-model trace: a sampled plan, with a repaired slip in some combined first passes."""
+    plan = sample_plan(problem, rng, filler_tokens)
+    slip = plan.chunks[-1] > 1 and plan.checks > 0 and rng.random() < SLIP_RATE
+    return render(problem, plan, rng, slip=slip)
+
+
+# --- reading responses ---------------------------------------------------------------------------------------
+
+# A first-pass line as `_line` writes it (and a model may get wrong): "3) 7-5=2" or "2-4) 7-5+1-2=1".
+_STEP_LINE = re.compile(r"(\d+)(?:-(\d+))?\) (-?\d+)((?:[+-]\d+)+)=(-?\d+)$")
+_TERM = re.compile(r"([+-])(\d+)")
 ERROR_KINDS = ("operand", "carry", "arithmetic", "missing step", "final answer")
+
+
+def first_pass(response: str) -> list[tuple[int, int, int, list[tuple[str, int]], int]]:
+    """The first-pass lines of a response as (first step, last step, start value, terms, result)."""
+    out = []
+    for line in response.splitlines():
+        m = _STEP_LINE.match(line.strip())
+        if m:
+            first = int(m.group(1))
+            last = int(m.group(2) or first)
+            terms = [(op, int(b)) for op, b in _TERM.findall(m.group(4))]
+            out.append((first, last, int(m.group(3)), terms, int(m.group(5))))
+    return out
 
 
 def first_error(problem: Problem, response: str) -> str | None:
     """What went wrong first in a response to `problem`, one of ERROR_KINDS, or None if nothing did.
 
-    The first pass of step lines is read in order: a step whose operation or operand is not the question's
-    is an `operand` error (copied from the wrong step), one that starts from another value than the last
-    step's true result a `carry` error, one whose result is not its own sum an `arithmetic` error.
+    The first pass is read line by line: a line whose operations are not the question's is an `operand`
+    error, one that starts from another value than the true running value a `carry` error, one whose result
+    is not its own sum an `arithmetic` error.
     """
     values = problem.values()
-    lines = [m.groups() for line in response.splitlines() if (m := _STEP_LINE.match(line.strip()))][: problem.steps]
-    for i, (_, a, op, b, c) in enumerate(lines, 1):
-        if (op, int(b)) != problem.ops[i - 1]:
+    covered = 0
+    for first, last, a, terms, c in first_pass(response):
+        if first != covered + 1 or last > problem.steps:
+            break
+        if tuple(terms) != problem.ops[first - 1 : last]:
             return "operand"
-        if int(a) != values[i - 1]:
+        if a != values[first - 1]:
             return "carry"
-        if int(c) != (int(a) + int(b) if op == "+" else int(a) - int(b)):
+        if c != a + sum(b if op == "+" else -b for op, b in terms):
             return "arithmetic"
-    if len(lines) < problem.steps:
+        covered = last
+        if covered == problem.steps:
+            break
+    if covered < problem.steps:
         return "missing step"
     return None if is_correct(response, str(problem.answer)) else "final answer"
 
 
 def split_filler(response: str) -> tuple[str, str]:
-    """(essential, filler) lines of a response: the step lines and the answer line are essential; every
-    re-check, "Wait, ..." and other line is filler, the part SelfBudgeter should learn to drop."""
+    """(essential, extra) lines of a response: the first pass and the answer line are essential; verification
+    passes, "Wait, ..." and every other line are extra, the part a budget can spend or save."""
     essential, filler = [], []
     for line in response.splitlines():
         text = line.strip()
@@ -199,7 +308,7 @@ def split_filler(response: str) -> tuple[str, str]:
 
 
 def filler_tokens(tokenizer, solution: str) -> int:
-    """Tokens (in `tokenizer`) of the filler lines of a solution, as `split_filler` divides it."""
+    """Tokens (in `tokenizer`) of the extra lines of a solution, as `split_filler` divides it."""
     from .format import token_length
 
     _, filler = split_filler(solution)
@@ -210,26 +319,26 @@ def _rough_tokens(text: str) -> int:
     return len(re.findall(r"\d|[A-Za-z]+|[^\sA-Za-z\d]", text))
 
 
+# --- splits --------------------------------------------------------------------------------------------------
+
+
 def _rows(split: str) -> list[Row]:
     size, seed = SPLITS[split]
     rng = random.Random(seed)
-    held_out = set() if split != "train" else {r.question for s in ("validation", "test") for r in load_split(s)}
+    held_out = set() if split != "train" else {_key(r.question) for s in ("validation", "test") for r in load_split(s)}
     rows: list[Row] = []
-    seen: set[str] = set()
-    attempt = 0
+    seen: set = set()
     while len(rows) < size:
-        # Levels in turn; a repeated question is skipped, so the few distinct 1-step questions cannot stall it.
-        steps = MIN_STEPS + attempt % (MAX_STEPS - MIN_STEPS + 1)
-        attempt += 1
+        steps = MIN_STEPS + len(rows) % (MAX_STEPS - MIN_STEPS + 1)  # levels in turn
         problem = sample_problem(rng, steps)
-        question = problem.question()
-        if question in held_out or question in seen:
+        key = _key(problem.question())
+        if key in held_out or key in seen:
             continue
-        seen.add(question)
+        seen.add(key)
         rows.append(
             Row(
                 id=f"{SOURCE}-{split}-{len(rows)}",
-                question=question,
+                question=problem.question(),
                 answer=str(problem.answer),
                 solution=minimal_solution(problem),
                 difficulty=steps,
@@ -237,6 +346,13 @@ def _rows(split: str) -> list[Row]:
             )
         )
     return rows
+
+
+def _key(question: str) -> object:
+    """What makes two questions the same: the problem from 3 steps on, the wording too below that (there are
+    only 90 one-step problems, so held-out one- and two-step questions differ from training ones in wording)."""
+    problem = parse_question(question)
+    return (problem.start, problem.ops) if problem.steps >= 3 else question
 
 
 @functools.lru_cache(maxsize=None)
@@ -249,6 +365,23 @@ def load_split(split: str) -> list[Row]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} of the embedded task; choose from {', '.join(SPLITS)}")
     return list(_cached(split))
+
+
+def _wording(rng: random.Random, steps: int) -> tuple[int, ...]:
+    return (rng.randrange(len(_OPENINGS)), rng.randrange(len(_CLOSINGS)), rng.randrange(len(_NAMES)),
+            *(rng.randrange(len(_PLUS)) for _ in range(steps)))
+
+
+def reworded(rows: list[Row], seed: int = 0, nouns: tuple[str, ...] = UNSEEN_OBJECTS) -> list[Row]:
+    """The same problems in another wording, with object words that no split or trace uses."""
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        p = parse_question(row.question)
+        problem = Problem(p.start, p.ops, rng.choice(nouns), _wording(rng, p.steps))
+        out.append(Row(id=f"{row.id}-reworded", question=problem.question(), answer=row.answer, solution=row.solution,
+                       difficulty=row.difficulty, source=row.source))
+    return out
 
 
 def make_parser() -> argparse.ArgumentParser:
