@@ -20,7 +20,7 @@ from selfbudgeter.format import render_prefill, render_response, token_length
 from selfbudgeter.generation import Sample
 
 RECORD_KEYS = {"id", "difficulty", "gold", "response", "prefill_budget", "control_multiplier", "budget", "length",
-               "format_ok", "format_error", "correct", "grading_error", "predicted", "sample"}
+               "format_ok", "format_error", "correct", "grading_error", "predicted", "sample", "decoder", "forced"}
 
 QUESTIONS = [
     {"id": f"q{i}", "question": f"Start with {i} beads. 1) add 2. How many beads now?", "answer": str(i + 2),
@@ -40,9 +40,11 @@ class ScriptedModel:
 
     def __init__(self):
         self.calls = []
+        self.temperatures = []
 
-    def __call__(self, model, tokenizer, prompts, cfg, n, desc):
+    def __call__(self, model, tokenizer, prompts, cfg, n, desc, temperature=None, max_new_tokens=None):
         self.calls.append((desc, len(prompts), n))
+        self.temperatures.append(cfg.temperature if temperature is None else temperature)
         out = []
         for prompt in prompts:
             start = int(re.search(r"Start with (\d+)", prompt).group(1))
@@ -110,6 +112,9 @@ def test_control_runs_prefill_multiples_of_the_own_estimate(tmp_path, scripted, 
         assert r["prefill_budget"] == r["budget"] == expected
         assert r["response"].startswith(render_prefill(expected)) and r["format_ok"]
     assert scripted.calls[-1] == ("control " + cfg.dataset, 9, 1)
+    assert scripted.temperatures == [0.6, 0.0]  # the control runs are greedy unless told otherwise
+    assert all(r["min_solution_tokens"] is None for r in control)  # these rows have no reference solution
+    assert all(r["decoder"] == "model" and r["forced"] is False for r in items(cfg.out))
     curve = json.loads((Path(cfg.out) / "metrics.json").read_text())["control"]
     assert [row["multiplier"] for row in curve] == [0.5, 1.0, 2.0] and all(row["n"] == 3 for row in curve)
 
@@ -222,3 +227,276 @@ def test_embedded_records_measure_their_filler(embedded_tokenizer):
     other = ev.score_record(embedded_tokenizer, dataclasses.replace(row, source="gsm8k"), solution, sample=0,
                             budgeted=False, max_budget=1000)
     assert "filler_tokens" not in other
+
+
+# --- budget-following at decode time --------------------------------------------------------------------------
+
+ANSWER_LINE = "So the answer is \\boxed{{{}}}."
+
+
+def worked(start: int) -> str:
+    return f"1) {start}+2={start + 2}\nCheck: {start}+2 is {start + 2}. Yes.\n" + ANSWER_LINE.format(start + 2)
+
+
+class ScriptedDecoder:
+    """Stands in for `generation.generate`: a model that states its own length exactly, ignores user budgets
+    (writes the same solution whatever is prefilled), answers a forced answer prompt and writes one more check
+    after an extension prompt. q3 breaks the format; q5 states a budget of 3 and overshoots it."""
+
+    def __init__(self, tokenizer, cfg, extension_closes_short=False):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.extension_closes_short = extension_closes_short
+        self.calls = []
+
+    def __call__(self, model, tokenizer, prompts, cfg, n, desc, temperature=None, max_new_tokens=None):
+        self.calls.append({"desc": desc, "prompts": list(prompts), "n": n, "max_new_tokens": max_new_tokens,
+                           "temperature": cfg.temperature if temperature is None else temperature})
+        out = []
+        for prompt in prompts:
+            start = int(re.search(r"Start with (\d+)", prompt).group(1))
+            solution = worked(start)
+            if prompt.endswith(self.cfg.answer_prompt):
+                text = f"{start + 2}}}. Then some more words</solution>"  # the cut keeps "N}" only
+            elif prompt.endswith(self.cfg.extend_prompt):
+                more = "" if self.extension_closes_short else f"\nCheck again: {start}+2={start + 2}. Yes." * 3
+                text = more + "\n" + ANSWER_LINE.format(start + 2) + "</solution>"
+            elif prompt.endswith("<solution>"):  # a prefilled user budget: ignored
+                text = solution + "</solution>"
+            elif start == 3:
+                text = "I will just answer \\boxed{5}"
+            else:
+                budget = 3 if start == 5 else token_length(self.tokenizer, solution)
+                text = render_response(budget, solution)
+            out.append([Sample(text, token_length(self.tokenizer, text), "stop") for _ in range(n)])
+        return out
+
+
+def decoded_run(tmp_path, monkeypatch, tokenizer, name="decoded", **overrides):
+    questions = [{**q, "solution": worked(i)} for i, q in enumerate(QUESTIONS, 1)]
+    cfg = cfg_for(tmp_path, write_dataset(tmp_path / "bench.jsonl", questions), out=str(tmp_path / name),
+                  control_limit=5, **overrides)
+    scripted = ScriptedDecoder(tokenizer, cfg)
+    monkeypatch.setattr(ev, "_generate", scripted)
+    result = evaluate(object(), cfg, tokenizer=tokenizer)
+    return cfg, scripted, result, items(cfg.out)
+
+
+def test_cap_and_extension_make_records_apart_from_the_model_alone(tmp_path, monkeypatch, embedded_tokenizer):
+    tok = embedded_tokenizer
+    cfg, scripted, result, records = decoded_run(tmp_path, monkeypatch, tok, decode_budget="cap_extend")
+    _, _, alone_result, alone = decoded_run(tmp_path, monkeypatch, tok, name="alone")
+    assert [r for r in records if r["decoder"] == "model"] == alone  # the model-alone records are untouched
+    decoded = [r for r in records if r["decoder"] == "cap_extend"]
+    assert {r["decoder"] for r in records} == {"model", "cap_extend"}
+    assert len(decoded) == 5 + 4 * 3  # every main response and every control run (q3 has no budget)
+
+    control = {(r["id"], r["control_multiplier"]): r for r in decoded if r["control_multiplier"] is not None}
+    # 0.5x: the solution (its own estimate E tokens) is over the cap int(1.2 B): cut there, answer forced.
+    low = control["q2", 0.5]
+    limit = ev.cap_tokens(low["prefill_budget"], cfg.budget_slack)
+    kept = ev.truncate_tokens(tok, worked(2), limit)
+    assert low["forced"] and low["format_ok"] and low["correct"] and low["predicted"] == "4"
+    assert low["response"] == render_prefill(low["prefill_budget"]) + kept + cfg.answer_prompt + "4}</solution>"
+    assert low["length"] <= limit + token_length(tok, cfg.answer_prompt + "4}")
+    # 1x: on budget, nothing to do; the record is the model's response.
+    one = control["q2", 1.0]
+    assert not one["forced"] and one["response"] == render_prefill(one["prefill_budget"]) + worked(2) + "</solution>"
+    # 2x: ends at half the budget, below 0.8 B: the answer line goes, "Wait" comes, one more check is written.
+    high = control["q2", 2.0]
+    assert high["forced"] and high["format_ok"] and high["correct"]
+    body = worked(2).rsplit("\n", 1)[0] + cfg.extend_prompt
+    assert high["response"].startswith(render_prefill(high["prefill_budget"]) + body + "\nCheck again: 2+2=4.")
+    assert high["response"].count("\\boxed{") == 1 and high["length"] > one["length"]
+
+    main = {r["id"]: r for r in decoded if r["control_multiplier"] is None}
+    assert not main["q1"]["forced"] and main["q1"]["response"] == alone[0]["response"]
+    assert not main["q3"]["forced"] and main["q3"]["format_error"] == "missing_budget"  # no budget: unchanged
+    assert main["q5"]["forced"] and main["q5"]["format_ok"]  # stated 3 tokens and wrote more: capped at 3
+    assert main["q5"]["length"] <= 3 + token_length(tok, cfg.answer_prompt + "7}")
+
+    # Continuations are generate calls on prompt + text so far: extensions at the control temperature, the
+    # forced answers greedy; extensions get no more room than the largest cap leaves.
+    calls = {c["desc"]: c for c in scripted.calls}
+    extend = calls["control cap_extend " + cfg.dataset + " extend"]
+    assert extend["temperature"] == 0.0 and all(p.endswith(cfg.extend_prompt) for p in extend["prompts"])
+    assert calls["cap_extend " + cfg.dataset + " answer"]["temperature"] == 0.0
+    assert calls["cap_extend " + cfg.dataset + " answer"]["max_new_tokens"] == cfg.answer_cap
+    assert "cap_extend " + cfg.dataset + " extend" not in calls  # no main response ended short of its budget
+
+    # Metrics: the top level is the model alone (it ignores budgets); the decoder has its own summary.
+    for key in ("accuracy", "mean_tokens", "control_slope", "control_within_20", "control"):
+        assert result[key] == alone_result[key], key
+    assert result["control_slope"] == pytest.approx(0.0, abs=1e-9)
+    forced = result["decoders"]["cap_extend"]
+    assert forced["control_slope"] > 0.3 and forced["forced_rate"] == pytest.approx(1 / 5)
+    assert forced["control"][-1]["mean_length"] > result["control"][-1]["mean_length"]  # 2x: extended
+    assert forced["control"][-1]["forced_rate"] == 1.0 and result["control"][-1]["forced_rate"] == 0.0
+    assert all(r["min_solution_tokens"] == token_length(tok, worked(int(r["id"][1:])))
+               for r in records if r["control_multiplier"] is not None)
+
+
+@pytest.mark.parametrize(
+    "mode, forced",
+    [
+        ("none", set()),
+        ("cap", {0.5}),
+        ("extend", {2.0}),
+        ("cap_extend", {0.5, 2.0}),
+    ],
+)
+def test_each_decoder_forces_only_its_side(tmp_path, monkeypatch, embedded_tokenizer, mode, forced):
+    _, _, result, records = decoded_run(tmp_path, monkeypatch, embedded_tokenizer, decode_budget=mode)
+    decoded = [r for r in records if r["decoder"] != "model" and r["control_multiplier"] is not None]
+    # q5 stated 3 tokens for a longer solution: its user budgets are all far below what it writes.
+    assert {r["control_multiplier"] for r in decoded if r["forced"] and r["id"] != "q5"} == forced
+    assert all(r["forced"] == ("cap" in mode) for r in decoded if r["id"] == "q5")
+    assert all(r["decoder"] == mode for r in decoded)
+    assert list(result["decoders"]) == ([] if mode == "none" else [mode])
+
+
+def test_extensions_repeat_up_to_max_extensions(tmp_path, monkeypatch, embedded_tokenizer):
+    questions = [{**q, "solution": worked(i)} for i, q in enumerate(QUESTIONS, 1)]
+    cfg = cfg_for(tmp_path, write_dataset(tmp_path / "bench.jsonl", questions), control_limit=1,
+                  control_multipliers=[3.0], decode_budget="extend", max_extensions=2)
+    scripted = ScriptedDecoder(embedded_tokenizer, cfg, extension_closes_short=True)
+    monkeypatch.setattr(ev, "_generate", scripted)
+    evaluate(object(), cfg, tokenizer=embedded_tokenizer)
+    [record] = [r for r in items(cfg.out) if r["decoder"] == "extend" and r["control_multiplier"] == 3.0]
+    assert record["response"].count(cfg.extend_prompt) == 2 and record["correct"]
+    assert [c["desc"] for c in scripted.calls].count(f"control extend {cfg.dataset} extend") == 2
+
+
+def test_base_models_get_no_decoder(tmp_path, scripted, embedded_tokenizer):
+    cfg = cfg_for(tmp_path, write_dataset(tmp_path / "bench.jsonl"), budgeted=False, decode_budget="cap")
+    evaluate(object(), cfg, tokenizer=embedded_tokenizer)
+    assert {r["decoder"] for r in items(cfg.out)} == {"model"}  # no budget is known
+
+
+@pytest.mark.parametrize(
+    "prefill, text, expected",
+    [
+        # (head, solution, closed, budget, after) or None
+        ("", "<budget>12</budget><solution>1) 2+3=5</solution>", ("<budget>12</budget><solution>", "1) 2+3=5",
+                                                                 True, 12, "")),
+        ("", "<budget>12</budget> <solution>abc</solution>\n", ("<budget>12</budget> <solution>", "abc", True, 12,
+                                                                 "\n")),
+        ("<budget>40</budget><solution>", "abc", ("", "abc", False, 40, "")),  # ran out of tokens
+        ("<budget>40</budget><solution>", "abc</solu", ("", "abc", False, 40, "")),  # a half-written closing tag
+        ("", "no budget at all", None),
+        ("", "<budget>0</budget><solution>abc</solution>", None),
+        ("", "<budget>12</budget>abc", None),
+        ("<budget>40</budget><solution>", "abc</solution> and more", None),
+        ("<budget>40</budget><solution>", "abc<budget>3</budget>", None),
+    ],
+)
+def test_draft(prefill, text, expected):
+    d = ev.draft("PROMPT" + prefill, prefill, text, "stop", max_budget=1000)
+    if expected is None:
+        assert d is None
+        return
+    assert (d.head, d.solution, d.closed, d.budget, d.after) == expected
+    assert d.context == "PROMPT" + prefill + d.head + d.solution
+    assert d.response == prefill + text.replace("</solu", "") if not d.closed else d.response == prefill + text
+
+
+@pytest.mark.parametrize(
+    "text, prompt, expected",
+    [
+        ("7}.</solution>", "\nSo the answer is \\boxed{", "7}"),
+        ("\\frac{1}{2}} and on", "\\boxed{", "\\frac{1}{2}}"),  # nested braces
+        ("7</solution>", "\\boxed{", "7"),  # closed the solution without closing the brace
+        ("7 7 7", "\\boxed{", "7 7 7"),  # ran out of tokens
+        ("42\nmore", "\nAnswer: ", "42\nmore"),  # no brace to close: up to the closing tag or the end
+    ],
+)
+def test_forced_answer(text, prompt, expected):
+    assert ev.forced_answer(text, prompt) == expected
+
+
+@pytest.mark.parametrize(
+    "solution, expected",
+    [
+        ("1) 2+3=5\nSo the answer is \\boxed{5}.", "1) 2+3=5"),
+        ("1) 2+3=5\nSo the answer is \\boxed{5}.\n\n", "1) 2+3=5"),
+        ("\\boxed{5}", ""),
+    ],
+)
+def test_without_answer_line(solution, expected):
+    assert ev.without_answer_line(solution) == expected
+
+
+@pytest.mark.parametrize("budget, slack, limit", [(100, 0.2, 120), (10, 0.0, 10), (1, 0.2, 1), (7, 0.5, 10)])
+def test_cap_tokens(budget, slack, limit):
+    assert ev.cap_tokens(budget, slack) == limit
+
+
+def test_truncate_tokens_cuts_in_the_one_length(embedded_tokenizer):
+    text = worked(4)
+    for n in (1, 5, 9):
+        cut = ev.truncate_tokens(embedded_tokenizer, text, n)
+        assert text.startswith(cut) and token_length(embedded_tokenizer, cut) == n
+    assert ev.truncate_tokens(embedded_tokenizer, text, 10_000) == text
+
+
+def test_decoders_on_the_embedded_model(embedded_tokenizer):
+    """The real sampler on the tiny embedded base model: the cap answers every over-long solution within its
+    limit plus the forced answer, and an extension continues a closed solution after the extension text."""
+    from selfbudgeter import task
+    from selfbudgeter.data import prompt_text
+    from selfbudgeter.models import load_model
+
+    model, tokenizer = load_model("embedded", device="cpu", dtype="float32")
+    rows = task.load_split("validation")[:3]
+    cfg = EvalConfig(decode_budget="cap", max_new_tokens=24, answer_cap=6, batch_size=8)
+    budgets = (2, 3, 5)
+    prompts = [prompt_text(tokenizer, row.question, budget=b, system_prompt=None) for row, b in zip(rows, budgets)]
+    firsts = ev._generate(model, tokenizer, prompts, cfg, 1, "first pass", temperature=0.0)
+    drafts = [ev.draft(prompt, render_prefill(b), s.text, s.finish_reason, cfg.max_budget)
+              for prompt, b, (s,) in zip(prompts, budgets, firsts)]
+    drafts = [d for d in drafts if d is not None]
+    assert drafts  # a prefilled budget tag is always a budget and an open solution
+    firsts = [d.solution for d in drafts]
+    assert ev.decode_budget(model, tokenizer, drafts, cfg, temperature=0.0, desc="cap") > 0
+    for d, first in zip(drafts, firsts):
+        limit = ev.cap_tokens(d.budget, cfg.budget_slack)
+        assert d.forced and d.closed
+        assert d.solution.startswith(ev.truncate_tokens(tokenizer, first, limit) + cfg.answer_prompt)
+        assert token_length(tokenizer, d.solution) <= limit + token_length(tokenizer, cfg.answer_prompt) + 6 + 1
+        assert d.response.endswith("</solution>")
+
+    row = rows[0]
+    prompt = prompt_text(tokenizer, row.question, system_prompt=None)
+    closed = ev.Draft(prompt, "", "", row.solution, True, 400, "stop")
+    cfg = EvalConfig(decode_budget="extend", max_new_tokens=12, batch_size=8)
+    assert ev.decode_budget(model, tokenizer, [closed], cfg, temperature=0.0, desc="extend") > 0
+    assert closed.forced and closed.solution.startswith(ev.without_answer_line(row.solution) + cfg.extend_prompt)
+    assert token_length(tokenizer, closed.solution) > token_length(
+        tokenizer, ev.without_answer_line(row.solution) + cfg.extend_prompt)
+
+
+def test_new_config_defaults():
+    cfg = EvalConfig()
+    assert cfg.control_multipliers == [0.5, 0.75, 1.0, 1.5, 2.0]
+    assert (cfg.control_temperature, cfg.decode_budget, cfg.budget_slack, cfg.max_extensions) == (0.0, "none", 0.2, 1)
+    assert cfg.answer_prompt == "\nSo the answer is \\boxed{" and cfg.extend_prompt == "\nWait, let me check."
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [({"decode_budget": "trim"}, "decode_budget"), ({"budget_slack": 1.0}, "budget_slack"),
+     ({"budget_slack": -0.1}, "budget_slack"), ({"max_extensions": -1}, "max_extensions"),
+     ({"control_temperature": -1.0}, "control_temperature"), ({"answer_cap": 0}, "answer_cap")],
+)
+def test_bad_decoder_values(overrides, message):
+    with pytest.raises(UserError, match=message):
+        EvalConfig(**overrides)
+
+
+def test_every_eval_recipe_loads_with_the_new_keys():
+    from selfbudgeter.config import parse_config
+
+    for recipe in ("embedded/eval", "deepseek-r1-distill-qwen-1.5b/eval", "deepseek-r1-distill-qwen-7b/eval"):
+        (cfg,) = parse_config((EvalConfig,), ["--config", recipe], "eval", "")
+        assert cfg.control_multipliers == [0.5, 0.75, 1.0, 1.5, 2.0], recipe
+        assert cfg.decode_budget == "none" and cfg.control_temperature == 0.0, recipe

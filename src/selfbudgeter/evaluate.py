@@ -8,11 +8,30 @@ not asked for the format) the length is that of the whole response and the whole
 User-budget control: for each of the first `control_limit` questions whose first response stated a valid
 budget E (the model's own estimate), the assistant turn is prefilled with `<budget>B</budget><solution>`
 for B = round(m * E) (at least 1) at every multiplier m, and `render_prefill(B) + continuation` is scored.
+Control runs decode at `control_temperature` (greedy by default). Each control record carries
+`min_solution_tokens`, the length of the row's reference solution, so that metrics can tell reachable
+budgets from unreachable ones.
+
+Budget-following at decode time (`decode_budget`), applied to the control runs and to every main response
+whose budget is known, and recorded apart (`decoder` names it, `forced` says whether it changed anything;
+the model-alone records are kept as they are, so metrics compare the two on the same responses):
+1. `cap`: a solution may use at most int(B * (1 + budget_slack)) tokens. One that is longer, or that ran
+   out of tokens unclosed, is cut there, `answer_prompt` is appended and up to `answer_cap` more tokens are
+   decoded greedily, up to the brace that closes the prompt's open brace; the decoder then closes the
+   solution. The model-alone response is the decoder's first pass: cutting it at the cap is what decoding
+   with the cap would have produced (`generation`'s samples are a function of prompt, seed and step), up to
+   floating point and the re-tokenised text the cut is made in.
+2. `extend`: a solution that closes below B * (1 - budget_slack) loses its closing (its last line, the final
+   answer, and `</solution>`), gets `extend_prompt` (s1's "Wait") and is continued, at most
+   `max_extensions` times. `cap_extend` does both: extend, then cap what the extension wrote.
+Every continuation is a call of `generation.generate` on prompt + text so far; lengths and cuts are in the
+one length, `format.token_length`.
 
 Writes to `out/` (for several datasets, to `out/<dataset>/` each, plus an averaged `out/summary.json` as
 the paper reports it: the mean over benchmarks of accuracy, length and compression):
     items.jsonl   one record per response, in the schema `metrics.py` documents (control records carry
-                  prefill_budget and control_multiplier)
+                  prefill_budget, control_multiplier and min_solution_tokens; every record its decoder
+                  and whether it was forced)
     metrics.json  `metrics.summarize(...)` plus wall_seconds, model, dataset and the config
 """
 
@@ -30,10 +49,16 @@ from typing import Any, Literal
 from .data import SYSTEM_PROMPT
 from .config import nullable
 from .errors import UserError
-from .format import DEFAULT_MAX_BUDGET
+from .format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
+from .generator import DEFAULT_ANSWER_SUFFIX
 from .task import SOURCE as EMBEDDED_SOURCE
 
 logger = logging.getLogger(__name__)
+
+DECODE_BUDGET = ("none", "cap", "extend", "cap_extend")
+# s1's budget forcing (Muennighoff et al. 2025) appends "Wait" to make a model think longer.
+DEFAULT_EXTEND_PROMPT = "\nWait, let me check."
+MODEL = "model"  # the `decoder` of a response the model wrote alone (metrics.MODEL)
 
 
 @dataclass
@@ -66,11 +91,29 @@ class EvalConfig:
                   "response graded and measured, no control runs)"},
     )
     control_multipliers: list[float] = field(
-        default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0],
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 2.0],
         metadata={"help": "user-budget control: prefill these multiples of the model's own estimate "
                   "([] in YAML disables)"},
     )
     control_limit: int = field(default=100, metadata={"help": "questions used for the control runs"})
+    control_temperature: float = field(
+        default=0.0, metadata={"help": "sampling temperature of the control runs; 0 is greedy"}
+    )
+    decode_budget: Literal["none", "cap", "extend", "cap_extend"] = field(
+        default="none",
+        metadata={"help": "budget-following at decode time, on the control runs and on main responses with a "
+                  "budget, recorded apart: cap (answer at budget * (1 + slack)), extend (continue a solution that "
+                  "ends below budget * (1 - slack)), cap_extend (both), none"},
+    )
+    budget_slack: float = field(default=0.2, metadata={"help": "slack of decode_budget's cap and extension"})
+    answer_prompt: str = field(
+        default=DEFAULT_ANSWER_SUFFIX, metadata={"help": "text the cap appends to force the final answer"}
+    )
+    answer_cap: int = field(default=32, metadata={"help": "tokens the cap decodes after answer_prompt at most"})
+    extend_prompt: str = field(
+        default=DEFAULT_EXTEND_PROMPT, metadata={"help": "text an extension appends in place of the final answer"}
+    )
+    max_extensions: int = field(default=1, metadata={"help": "extensions per response at most"})
     max_budget: int = field(default=DEFAULT_MAX_BUDGET, metadata={"help": "budgets above this are format failures"})
     baseline: str | None = field(
         default=None,
@@ -82,13 +125,21 @@ class EvalConfig:
     dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
 
     def __post_init__(self) -> None:
-        for name in ("samples", "max_new_tokens", "batch_size", "max_budget"):
+        for name in ("samples", "max_new_tokens", "batch_size", "max_budget", "answer_cap"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, not {getattr(self, name)}")
         if self.limit is not None and self.limit < 1:
             raise UserError(f"limit must be >= 1, not {self.limit}")
         if self.control_limit < 0:
             raise UserError(f"control_limit must be >= 0, not {self.control_limit}")
+        if self.max_extensions < 0:
+            raise UserError(f"max_extensions must be >= 0, not {self.max_extensions}")
+        if not self.control_temperature >= 0:
+            raise UserError(f"control_temperature must be >= 0, not {self.control_temperature}")
+        if self.decode_budget not in DECODE_BUDGET:
+            raise UserError(f"decode_budget must be one of {', '.join(DECODE_BUDGET)}, not {self.decode_budget!r}")
+        if not 0 <= self.budget_slack < 1:
+            raise UserError(f"budget_slack must be in [0, 1), not {self.budget_slack}")
         bad = [m for m in self.control_multipliers if not (isinstance(m, (int, float)) and m > 0 and math.isfinite(m))]
         if bad:
             raise UserError(f"control multipliers must be positive numbers, not {bad[0]!r}")
@@ -112,7 +163,8 @@ def dataset_folder(name: str) -> str:
 
 def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budgeted: bool, max_budget: int,
                  finish_reason: str | None = None, prefill_budget: int | None = None,
-                 control_multiplier: float | None = None) -> dict[str, Any]:
+                 control_multiplier: float | None = None, decoder: str = MODEL,
+                 forced: bool = False) -> dict[str, Any]:
     """One items.jsonl record (the schema of `metrics.py`)."""
     from .format import token_length
     from .grading import grade
@@ -127,7 +179,11 @@ def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budget
         "control_multiplier": control_multiplier,
         "sample": sample,
         "finish_reason": finish_reason,
+        "decoder": decoder,
+        "forced": forced,
     }
+    if control_multiplier is not None:
+        record["min_solution_tokens"] = min_solution_tokens(tokenizer, row)
     if budgeted:
         scored = score_response(tokenizer, response, row.answer, max_budget=max_budget)
         record.update(budget=scored.budget, length=scored.length, format_ok=scored.format_ok,
@@ -162,6 +218,13 @@ def filler_tokens(tokenizer: Any, response: str, *, budgeted: bool, format_ok: b
         return None
 
 
+def min_solution_tokens(tokenizer: Any, row: Any) -> int | None:
+    """Tokens of the row's reference solution, the least a correct answer needs; None without one."""
+    from .format import token_length
+
+    return token_length(tokenizer, row.solution.strip()) if row.solution else None
+
+
 def control_budget(multiplier: float, estimate: int, max_budget: int) -> int:
     return min(max(1, round(multiplier * estimate)), max_budget)
 
@@ -184,15 +247,181 @@ def _baseline_mean(baseline: str | None, name: str, single: bool) -> float | Non
                     f"(looked in {', '.join(str(c) for c in candidates)})")
 
 
+# --- budget-following at decode time ------------------------------------------------------------------------
+
+
+@dataclass
+class Draft:
+    """A response under a decode-time budget option: what the sampler continues and what the decoder did.
+
+    `prompt` is what `generate` saw (a prefilled budget included), `prefill` the part of it that belongs to
+    the response, `head` the generated text before the solution (the budget tag the model wrote; empty when
+    prefilled), `solution` the solution text so far, `after` text the model wrote after `</solution>`.
+    """
+
+    prompt: str
+    prefill: str
+    head: str
+    solution: str
+    closed: bool
+    budget: int
+    finish_reason: str | None
+    after: str = ""
+    forced: bool = False
+
+    @property
+    def context(self) -> str:
+        """prompt + response so far: what a continuation is generated from."""
+        return self.prompt + self.head + self.solution
+
+    @property
+    def response(self) -> str:
+        closing = SOLUTION_CLOSE if self.closed else ""
+        return self.prefill + self.head + self.solution + closing + self.after
+
+    def add(self, text: str) -> None:
+        """Append generated solution text, up to and past a closing tag it may write."""
+        end = text.find(SOLUTION_CLOSE)
+        if end < 0:
+            self.solution += text
+            return
+        self.solution += text[:end]
+        self.after = text[end + len(SOLUTION_CLOSE) :]
+        self.closed = True
+
+
+def draft(prompt: str, prefill: str, text: str, finish_reason: str | None, max_budget: int) -> Draft | None:
+    """The Draft of a generated `text` (continuing `prompt`, which ends with `prefill`), or None when it
+    gives a decoder nothing to work on: no valid budget, no solution, or a format error inside it."""
+    from .format import FormatErrorEvent, StreamParser, TextEvent
+
+    full = prefill + text
+    parser = StreamParser(max_budget)
+    events = parser.feed(full)
+    if not parser.done:
+        events += parser.close()
+    error = next((e.reason for e in events if isinstance(e, FormatErrorEvent)), None)
+    if parser.budget is None or error not in (None, "unclosed_solution"):
+        return None
+    solution = "".join(e.text for e in events if isinstance(e, TextEvent))
+    start = full.find(SOLUTION_OPEN) + len(SOLUTION_OPEN)
+    closed = error is None
+    after = full[full.rfind(SOLUTION_CLOSE) + len(SOLUTION_CLOSE) :] if closed else ""
+    return Draft(prompt, prefill, full[len(prefill) : start], solution, closed, parser.budget, finish_reason, after)
+
+
+def cap_tokens(budget: int, slack: float) -> int:
+    """The most solution tokens the cap allows before it forces the answer (the generator's enforce limit)."""
+    return max(1, int(budget * (1 + slack)))
+
+
+def without_answer_line(solution: str) -> str:
+    """The solution without its last line (the final answer), for an extension to continue from."""
+    body = solution.rstrip()
+    cut = body.rfind("\n")
+    return body[:cut] if cut >= 0 else ""
+
+
+def truncate_tokens(tokenizer: Any, text: str, tokens: int) -> str:
+    """The first `tokens` tokens of `text` (format.token_length's unit), as text."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= tokens else tokenizer.decode(ids[:tokens])
+
+
+def forced_answer(text: str, answer_prompt: str) -> str:
+    """The generated end of a forced answer: up to the brace that closes `answer_prompt`'s open brace, and
+    never past a closing solution tag."""
+    end = text.find(SOLUTION_CLOSE)
+    if end >= 0:
+        text = text[:end]
+    depth = answer_prompt.count("{") - answer_prompt.count("}")
+    if depth <= 0:
+        return text
+    for i, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[: i + 1]
+    return text
+
+
+def decode_budget(model: Any, tokenizer: Any, drafts: list[Draft], cfg: EvalConfig, *, temperature: float,
+                  desc: str) -> int:
+    """Apply `cfg.decode_budget` to `drafts` in place (see the module docstring); returns generated tokens."""
+    from .format import token_length
+
+    mode, slack = cfg.decode_budget, cfg.budget_slack
+    cap, extend = mode in ("cap", "cap_extend"), mode in ("extend", "cap_extend")
+    tokens = 0
+
+    def length(d: Draft) -> int:
+        return token_length(tokenizer, d.solution)
+
+    for _ in range(cfg.max_extensions if extend else 0):
+        short = [d for d in drafts if d.closed and length(d) < d.budget * (1 - slack)]
+        if not short:
+            break
+        for d in short:
+            d.solution = without_answer_line(d.solution) + cfg.extend_prompt
+            d.closed, d.after, d.forced = False, "", True
+        room = cfg.max_new_tokens
+        if cap:  # one call for all: each draft is cut at its own cap below
+            room = min(room, max(cap_tokens(d.budget, slack) - length(d) for d in short))
+        if room < 1:  # the extension text alone reached the cap: the cap answers at once
+            for d in short:
+                d.finish_reason = "length"
+            break
+        for d, (sample,) in zip(short, _generate(model, tokenizer, [d.context for d in short], cfg, 1,
+                                                 f"{desc} extend", temperature=temperature, max_new_tokens=room)):
+            d.add(sample.text)
+            d.finish_reason = sample.finish_reason
+            tokens += sample.n_tokens
+
+    if cap:
+        over = [d for d in drafts
+                if length(d) > cap_tokens(d.budget, slack) or (not d.closed and d.finish_reason == "length")]
+        for d in over:
+            d.solution = truncate_tokens(tokenizer, d.solution, cap_tokens(d.budget, slack)) + cfg.answer_prompt
+            d.closed, d.after, d.forced = False, "", True
+        answers = _generate(model, tokenizer, [d.context for d in over], cfg, 1, f"{desc} answer", temperature=0.0,
+                            max_new_tokens=cfg.answer_cap)
+        for d, (sample,) in zip(over, answers):
+            d.solution += forced_answer(sample.text, cfg.answer_prompt)
+            d.closed = True  # the decoder closes what it forced
+            d.finish_reason = sample.finish_reason
+            tokens += sample.n_tokens
+    return tokens
+
+
 # --- the run -----------------------------------------------------------------------------------------------
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalConfig, n: int, desc: str):
+def _generate(model: Any, tokenizer: Any, prompts: list[str], cfg: EvalConfig, n: int, desc: str, *,
+              temperature: float | None = None, max_new_tokens: int | None = None):
     from .generation import generate
 
-    return generate(model, tokenizer, prompts, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, desc=desc,
-                    backend=cfg.backend)
+    if not prompts:
+        return []
+    return generate(model, tokenizer, prompts, n=n, temperature=cfg.temperature if temperature is None else temperature,
+                    top_p=cfg.top_p, max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                    batch_size=cfg.batch_size, seed=cfg.seed, desc=desc, backend=cfg.backend)
+
+
+def _decoded_records(model: Any, tokenizer: Any, jobs: list[tuple[Any, str, str, Any, dict[str, Any]]],
+                     cfg: EvalConfig, temperature: float, desc: str) -> tuple[list[dict[str, Any]], int]:
+    """Records of `cfg.decode_budget` applied to model-alone samples. Each job is (row, prompt, prefill,
+    sample, score_record keywords); a sample the decoder cannot work on is recorded unchanged."""
+    drafts = [draft(prompt, prefill, sample.text, sample.finish_reason, cfg.max_budget)
+              for _, prompt, prefill, sample, _ in jobs]
+    tokens = decode_budget(model, tokenizer, [d for d in drafts if d is not None], cfg, temperature=temperature,
+                           desc=desc)
+    records = []
+    for (row, _, prefill, sample, keywords), d in zip(jobs, drafts):
+        forced = d is not None and d.forced
+        response = d.response if forced else prefill + sample.text
+        finish = d.finish_reason if forced else sample.finish_reason
+        records.append(score_record(tokenizer, row, response, budgeted=True, max_budget=cfg.max_budget,
+                                    finish_reason=finish, decoder=cfg.decode_budget, forced=forced, **keywords))
+    return records, tokens
 
 
 def evaluate_dataset(model: Any, tokenizer: Any, name: str, cfg: EvalConfig, out: Path,
@@ -213,21 +442,43 @@ def evaluate_dataset(model: Any, tokenizer: Any, name: str, cfg: EvalConfig, out
         for k, s in enumerate(per)
     ]
     tokens = sum(s.n_tokens for per in generated for s in per)
+    decoding = cfg.decode_budget != "none"
+    if decoding and not cfg.budgeted:
+        logger.warning("decode_budget %s needs budgets: not applied with budgeted: false", cfg.decode_budget)
+        decoding = False
+    if decoding:
+        jobs = [(row, prompt, "", s, {"sample": k})
+                for row, prompt, per in zip(rows, prompts, generated) for k, s in enumerate(per)]
+        decoded, used = _decoded_records(model, tokenizer, jobs, cfg, cfg.temperature,
+                                         f"{cfg.decode_budget} {name}")
+        records += decoded
+        tokens += used
 
     if cfg.budgeted and cfg.control_multipliers and cfg.control_limit > 0:
-        first = {r["id"]: r for r in records if r["sample"] == 0}
+        first = {r["id"]: r for r in records if r["sample"] == 0 and r["decoder"] == MODEL}
         chosen = [row for row in rows if first[row.id]["format_ok"]][: cfg.control_limit]
         jobs = [(row, m, control_budget(m, first[row.id]["budget"], cfg.max_budget))
                 for row in chosen for m in cfg.control_multipliers]
         if jobs:
             control_prompts = [prompt_text(tokenizer, row.question, budget=b, system_prompt=cfg.system_prompt)
                                for row, _, b in jobs]
-            continuations = _generate(model, tokenizer, control_prompts, cfg, 1, f"control {name}")
+            continuations = _generate(model, tokenizer, control_prompts, cfg, 1, f"control {name}",
+                                      temperature=cfg.control_temperature)
             for (row, m, b), (s,) in zip(jobs, continuations):
                 records.append(score_record(tokenizer, row, render_prefill(b) + s.text, sample=0, budgeted=True,
                                             max_budget=cfg.max_budget, finish_reason=s.finish_reason,
                                             prefill_budget=b, control_multiplier=m))
                 tokens += s.n_tokens
+            if decoding:
+                decoder_jobs = [
+                    (row, prompt, render_prefill(b), s,
+                     {"sample": 0, "prefill_budget": b, "control_multiplier": m})
+                    for (row, m, b), prompt, (s,) in zip(jobs, control_prompts, continuations)
+                ]
+                decoded, used = _decoded_records(model, tokenizer, decoder_jobs, cfg, cfg.control_temperature,
+                                                 f"control {cfg.decode_budget} {name}")
+                records += decoded
+                tokens += used
         else:
             logger.warning("%s: no response stated a valid budget, so there are no user-budget control runs", name)
 
