@@ -57,12 +57,25 @@ def write_run(folder: Path, records: list[dict]) -> Path:
     return folder
 
 
+def capped(records: list[dict], slack: float = 0.2) -> list[dict]:
+    """What a cap decoder makes of budgeted records: lengths cut at int(budget * (1 + slack)), those forced."""
+    out = []
+    for r in records:
+        if r["budget"] is None:
+            out.append({**r, "decoder": "cap", "forced": False})
+            continue
+        limit = int(r["budget"] * (1 + slack))
+        out.append({**r, "decoder": "cap", "forced": r["length"] > limit, "length": min(r["length"], limit)})
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval")
+    budgeted = synthetic_records("budgeted", seed=2)
     return {
         "base": write_run(root / "base", synthetic_records("plain", seed=1)),
-        "selfbudgeter": write_run(root / "selfbudgeter", synthetic_records("budgeted", seed=2)),
+        "selfbudgeter": write_run(root / "selfbudgeter", budgeted + capped(budgeted, slack=0.1)),
         "grpo_accuracy": write_run(root / "grpo_accuracy", synthetic_records("plain", seed=3)),
     }
 
@@ -115,6 +128,26 @@ def test_report_md_has_the_table_and_embeds_every_plot(built):
     for name in PLOTS.values():
         assert f"]({name})" in text
     assert "## User-budget control" in text
+    assert "| selfbudgeter · cap |" in text  # the decoder's row in the results table
+    assert text.count("| selfbudgeter · cap | 0.5x |") == 1  # and in the per-multiplier control table
+    assert "accuracy (hardest third)" in text and "within ±20% (reachable)" in text
+
+
+def test_decoder_records_stay_out_of_the_model_alone_numbers(built, runs, tmp_path):
+    _, summaries = built
+    alone = [r for r in report.load_records(runs["selfbudgeter"]) if r.get("decoder") is None]
+    only = build_report({"selfbudgeter": write_run(tmp_path / "alone", alone)}, tmp_path / "out")["selfbudgeter"]
+    for key in ("n", "accuracy", "mean_tokens", "within_20", "control_slope", "control_within_20", "control"):
+        assert summaries["selfbudgeter"][key] == only[key], key
+    cap = summaries["selfbudgeter"]["decoders"]["cap"]
+    # Lengths reach 1.2x (main) and 1.15x (control) of their budgets: those over 1.1x are cut.
+    assert cap["n"] == only["n"] and 0 < cap["forced_rate"] < 1 and cap["mean_tokens"] < only["mean_tokens"]
+    assert all(0 < row["forced_rate"] < 1 for row in cap["control"])
+    assert all(row["forced_rate"] == 0 for row in only["control"])
+    assert [row["multiplier"] for row in cap["control_accuracy"]] == list(MULTIPLIERS)
+    rows = report.table_rows(summaries)
+    assert [row[0] for row in rows[1:]] == ["base", "selfbudgeter", "selfbudgeter · cap", "grpo_accuracy"]
+    assert list(report.control_tables(summaries)) == [("selfbudgeter", "model"), ("selfbudgeter", "cap")]
 
 
 def test_report_records_the_environment_that_made_it(built):

@@ -3,8 +3,12 @@
 Each run is an evaluation folder holding `items.jsonl` (one record per graded response, schema in
 `metrics.py`) and the evaluator's `metrics.json`. Metrics are recomputed from the items so every run is
 summarised by the same code and compression is measured against one baseline run. Output in `--out`:
-`metrics.json` (one entry per run), `report.md`, five PNG plots and `environment.json` (the package
+`metrics.json` (one entry per run), `report.md`, six PNG plots and `environment.json` (the package
 versions and machine that produced them: the same seed can give other numbers under other versions).
+
+A run evaluated with a decode-time budget option (`eval --decode_budget`) holds records of the model alone
+and records its decoder shaped; the report never pools them: every table gives each decoder its own row
+(`run · decoder`), and the control plots their own line.
 
     selfbudgeter report --run base=runs/eval/base --run selfbudgeter=runs/eval/sb --baseline base --out runs/report
 """
@@ -33,6 +37,7 @@ PLOTS = {
     "budget_vs_length": "budget_vs_length.png",
     "budget_by_difficulty": "budget_by_difficulty.png",
     "control": "user_budget_control.png",
+    "control_accuracy": "user_budget_accuracy.png",
     "accuracy_vs_length": "accuracy_vs_length.png",
 }
 CAPTIONS = {
@@ -44,7 +49,11 @@ CAPTIONS = {
     "effort to the question shows budgets rising from left to right.",
     "control": "User-budget control: the budget was prefilled at a multiple of the model's own estimate. "
     "The y axis is the length written divided by that own estimate (median, bars from the 25th to the 75th "
-    "percentile); perfect control lies on the dashed line.",
+    "percentile); perfect control lies on the dashed line. Solid lines are the model alone, other styles a "
+    "decode-time budget option.",
+    "control_accuracy": "What a user budget buys: accuracy at each multiple of the model's own estimate, on "
+    "all control questions (left) and on the hardest third by difficulty (right). Solid lines are the model "
+    "alone, other styles a decode-time budget option.",
     "accuracy_vs_length": "Accuracy against mean solution length per method: up and to the left is better.",
 }
 # More distinct difficulty values than this are binned into quantile groups for the box plot.
@@ -193,7 +202,25 @@ def table_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         if _never_budgets(summary):
             row[-1] = "no budgets"  # a base or baseline model is not asked to write the format
         rows.append(row)
+        for decoder, forced in (summary.get("decoders") or {}).items():
+            rows.append([decoder_label(name, decoder)] + [_cell(key, forced.get(key)) for _, key in COLUMNS[1:]])
     return rows
+
+
+def decoder_label(name: str, decoder: str) -> str:
+    """The report's name for a run's records made by one decoder: the run's own name for the model alone."""
+    return name if decoder == metrics.MODEL else f"{name} · {decoder}"
+
+
+def control_tables(summaries: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """(run, decoder) -> the summary holding that decoder's control metrics, for runs with control records;
+    the model alone first within each run."""
+    out: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for name, summary in summaries.items():
+        for decoder, part in [(metrics.MODEL, summary), *(summary.get("decoders") or {}).items()]:
+            if part.get("control"):
+                out[name, decoder] = part
+    return out
 
 
 def _never_budgets(summary: Mapping[str, Any]) -> bool:
@@ -209,6 +236,13 @@ def _markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def _mean_forced(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The share of forced responses over a control table's rows (weighted by their sizes)."""
+    counted = [(row["n"], row.get("forced_rate")) for row in rows if row.get("forced_rate") is not None]
+    total = sum(n for n, _ in counted)
+    return sum(n * rate for n, rate in counted) / total if total else None
+
+
 def render_markdown(summaries: Mapping[str, Mapping[str, Any]], plots: Mapping[str, Path], baseline: str | None) -> str:
     lines = ["# SelfBudgeter evaluation report", ""]
     counts = ", ".join(f"{name}: {s['n']}" for name, s in summaries.items())
@@ -217,29 +251,45 @@ def render_markdown(summaries: Mapping[str, Mapping[str, Any]], plots: Mapping[s
         lines.append(f"Compression is 1 - mean tokens / mean tokens of `{baseline}`.")
     lines += [
         "Within ±20% and slope (of solution length on the model's own budget) use well-formed responses only; "
-        "Spearman is the rank correlation of budget with question difficulty; control slope is the slope of "
-        "length on a user-prefilled budget.",
+        "Spearman is the rank correlation of budget with question difficulty; control slope is the median over "
+        "questions of the slope of log length on log user budget (1: the length follows the user's budget, "
+        "0: it ignores it). A row `run · decoder` holds what a decode-time budget option made of the same "
+        "questions, apart from the model alone.",
         "",
     ]
     lines += _markdown_table(table_rows(summaries))
     lines.append("")
-    controlled = {name: s["control"] for name, s in summaries.items() if s.get("control")}
+    controlled = control_tables(summaries)
     if controlled:
-        lines += ["## User-budget control", ""]
-        header = ["model", "multiplier", "mean budget", "mean length", "length / own estimate", "within ±20%"]
-        header.append("accuracy")
+        lines += [
+            "## User-budget control",
+            "",
+            "User budgets prefilled at multiples of the model's own estimate. Within ±20% counts reachable budgets "
+            "only (at least the question's reference solution length) and a broken response as a miss; forced is "
+            "the share of responses a decoder changed.",
+            "",
+        ]
+        rows = [["model", "control slope", "within ±20% (reachable)", "forced"]]
+        for (name, decoder), part in controlled.items():
+            forced = _mean_forced(part["control"])
+            rows.append([decoder_label(name, decoder), _cell("control_slope", part.get("control_slope")),
+                         _cell("within_20", part.get("control_within_20")), _cell("within_20", forced)])
+        lines += _markdown_table(rows) + [""]
+        header = ["model", "multiplier", "mean budget", "mean length", "length / own estimate", "within ±20%",
+                  "accuracy", "accuracy (hardest third)"]
         rows = [header]
-        for name, table in controlled.items():
-            for row in table:
+        for (name, decoder), part in controlled.items():
+            for row in part["control"]:
                 rows.append(
                     [
-                        name,
+                        decoder_label(name, decoder),
                         f"{row['multiplier']:g}x",
                         _cell("mean_tokens", row["mean_budget"]),
                         _cell("mean_tokens", row["mean_length"]),
                         _cell("ratio", row["length_over_estimate"]),
                         _cell("within_20", row["within_20"]),
                         _cell("accuracy", row["accuracy"]),
+                        _cell("accuracy", row.get("accuracy_hard")),
                     ]
                 )
         lines += _markdown_table(rows) + [""]
@@ -446,38 +496,60 @@ def plot_budget_by_difficulty(
     return _save(fig, path)
 
 
+# Line styles of the decoders of one run (its colour): the model alone solid, decode-time options after.
+DECODER_STYLES = ("-", ":", "-.", (0, (5, 1, 1, 1)))
+
+
+def _styles(keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    styles = {}
+    for name, decoder in keys:
+        others = [d for n, d in keys if n == name and d != metrics.MODEL]
+        index = 0 if decoder == metrics.MODEL else 1 + others.index(decoder)
+        styles[name, decoder] = DECODER_STYLES[index % len(DECODER_STYLES)]
+    return styles
+
+
+def _multiplier_axis(ax, multipliers: Sequence[float], log: bool) -> None:
+    if log:
+        ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(multipliers, [f"{m:g}x" for m in multipliers])
+
+
 def plot_control(records: Mapping[str, Records], colors: Mapping[str, Any], path: Path) -> Path | None:
-    curves = {}
+    curves: dict[tuple[str, str], dict[float, list[float]]] = {}
     for name, rows in records.items():
-        by_multiplier: dict[float, list[float]] = {}
-        for r in metrics.control_records(rows):
-            budget = r.get("prefill_budget") or r.get("budget")
-            if r.get("format_ok") and budget:
-                multiplier = float(r["control_multiplier"])
-                by_multiplier.setdefault(multiplier, []).append(r["length"] * multiplier / budget)
-        if by_multiplier:
-            curves[name] = dict(sorted(by_multiplier.items()))
+        for decoder in metrics.by_decoder(rows):
+            by_multiplier: dict[float, list[float]] = {}
+            for r in metrics.control_records(rows, decoder):
+                budget = r.get("prefill_budget") or r.get("budget")
+                if r.get("format_ok") and budget:
+                    multiplier = float(r["control_multiplier"])
+                    by_multiplier.setdefault(multiplier, []).append(r["length"] * multiplier / budget)
+            if by_multiplier:
+                curves[name, decoder] = dict(sorted(by_multiplier.items()))
     if not curves:
         return None
+    styles = _styles(list(curves))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5))
     multipliers = sorted({m for curve in curves.values() for m in curve})
     log = min(multipliers) > 0 and max(multipliers) / min(multipliers) >= 4
     ideal = {"color": "grey", "linestyle": "--", "linewidth": 2.5, "alpha": 0.8, "zorder": 1}
     ax.plot(multipliers, multipliers, label="ideal: length = prefilled budget", **ideal)
-    for k, (name, curve) in enumerate(curves.items()):
+    for k, ((name, decoder), curve) in enumerate(curves.items()):
         xs = np.array(list(curve))
         # A small sideways shift per run keeps overlapping error bars apart.
         shift = (k - (len(curves) - 1) / 2) * 0.03
         xs_shown = xs * 2**shift if log else xs + shift * (max(multipliers) - min(multipliers) or 1)
         q25, q50, q75 = (np.array([np.quantile(curve[m], q) for m in xs]) for q in (0.25, 0.5, 0.75))
         errors = [q50 - q25, q75 - q50]
-        ax.errorbar(xs_shown, q50, yerr=errors, marker="o", capsize=4, linewidth=2, color=colors[name], label=name)
+        ax.errorbar(xs_shown, q50, yerr=errors, marker="o", capsize=4, linewidth=2, color=colors[name],
+                    linestyle=styles[name, decoder], label=decoder_label(name, decoder))
+    _multiplier_axis(ax, multipliers, log)
     if log:
-        ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
     ax.minorticks_off()
-    ax.set_xticks(multipliers, [f"{m:g}x" for m in multipliers])
     low, high = ax.get_ylim()
     ax.set_yticks(multipliers, [f"{m:g}x" for m in multipliers])
     ax.set_ylim(low, high)
@@ -486,6 +558,38 @@ def plot_control(records: Mapping[str, Records], colors: Mapping[str, Any], path
     ax.set_title("User-budget control")
     ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_control_accuracy(
+    summaries: Mapping[str, Mapping[str, Any]], colors: Mapping[str, Any], path: Path
+) -> Path | None:
+    """Accuracy against the user budget multiplier, on all control questions and on the hardest third."""
+    tables = {key: part["control"] for key, part in control_tables(summaries).items()}
+    if not tables:
+        return None
+    plt = _pyplot()
+    styles = _styles(list(tables))
+    multipliers = sorted({row["multiplier"] for rows in tables.values() for row in rows})
+    log = min(multipliers) > 0 and max(multipliers) / min(multipliers) >= 4
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    drawn: list[float] = []
+    for ax, key, title in zip(axes, ("accuracy", "accuracy_hard"), ("all control questions", "hardest third")):
+        for (name, decoder), rows in tables.items():
+            points = [(row["multiplier"], 100 * row[key]) for row in rows if row.get(key) is not None]
+            if not points:
+                continue
+            drawn += [y for _, y in points]
+            ax.plot([x for x, _ in points], [y for _, y in points], marker="o", linewidth=2, color=colors[name],
+                    linestyle=styles[name, decoder], label=decoder_label(name, decoder))
+        _multiplier_axis(ax, multipliers, log)
+        ax.set_xlabel("user budget / model's own estimate")
+        ax.set_title(f"Accuracy by user budget: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)")
+    if drawn:
+        axes[0].set_ylim(max(0.0, min(drawn) - 10), min(100.0, max(drawn) + 5) if max(drawn) < 95 else 101)
+    axes[0].legend(loc="lower right")
     return _save(fig, path)
 
 
@@ -530,6 +634,7 @@ def write_plots(
         "budget_vs_length": plot_budget_vs_length(records, summaries, colors, out_dir / PLOTS["budget_vs_length"]),
         "budget_by_difficulty": plot_budget_by_difficulty(records, colors, out_dir / PLOTS["budget_by_difficulty"]),
         "control": plot_control(records, colors, out_dir / PLOTS["control"]),
+        "control_accuracy": plot_control_accuracy(summaries, colors, out_dir / PLOTS["control_accuracy"]),
         "accuracy_vs_length": plot_accuracy_vs_length(summaries, colors, out_dir / PLOTS["accuracy_vs_length"]),
     }
     for key, path in drawn.items():
