@@ -198,12 +198,13 @@ def table_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
     """The results table as strings: a header row, then one row per run."""
     rows = [[title for title, _ in COLUMNS]]
     for name, summary in summaries.items():
-        row = [name] + [_cell(key, summary.get(key)) for _, key in COLUMNS[1:]]
-        if _never_budgets(summary):
-            row[-1] = "no budgets"  # a base or baseline model is not asked to write the format
-        rows.append(row)
-        for decoder, forced in (summary.get("decoders") or {}).items():
-            rows.append([decoder_label(name, decoder)] + [_cell(key, forced.get(key)) for _, key in COLUMNS[1:]])
+        parts = [(name, summary)]
+        parts += [(decoder_label(name, decoder), part) for decoder, part in (summary.get("decoders") or {}).items()]
+        for label, part in parts:
+            row = [label] + [_cell(key, part.get(key)) for _, key in COLUMNS[1:]]
+            if _never_budgets(part):
+                row[-1] = "no budgets"  # a base or baseline model is not asked to write the format
+            rows.append(row)
     return rows
 
 
