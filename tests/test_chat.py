@@ -28,6 +28,7 @@ JSON_KEYS = {
     "answer",
     "finish_reason",
     "within_budget",
+    "generated_tokens",
 }
 LAUNCHER = f"""
 import sys
@@ -155,6 +156,9 @@ def test_json_with_a_user_budget_on_the_real_model(tiny_model_dir):
         (["--budget", "abc"], "whole number"),
         (["--json"], "--json needs --question"),
         (["--question", "  "], "empty"),
+        (["--seed", str(2**64), "--question", "hi"], "seed"),  # past torch's 64-bit seed: used to crash mid-batch
+        (["--temperature", "-1", "--question", "hi"], "temperature"),
+        (["--question", "What is \udcff?"], "Unicode"),  # an undecodable byte in argv becomes a lone surrogate
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_model_dir, args, message):

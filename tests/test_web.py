@@ -25,6 +25,8 @@ UPDATE_SCREENSHOT = os.environ.get("SELFBUDGETER_UPDATE_SCREENSHOT") == "1"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
+CONSOLE: list[str] = []  # the browser console: a Content-Security-Policy violation would be reported here
+
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 
 
@@ -62,6 +64,7 @@ def page(live):
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, timeout=120_000)
         page = browser.new_page(viewport={"width": 900, "height": 640})
         page.set_default_timeout(60_000)
+        page.on("console", lambda message: CONSOLE.append(message.text))
         page.goto(live.url + "/")
         yield page
         browser.close()
@@ -75,15 +78,15 @@ def ask(page, question: str, budget: str) -> None:
 
 def test_budget_appears_before_the_answer_and_stop_stops(page, live):
     ask(page, "What is 12 + 30 - 7?", "300")
-    page.wait_for_function("document.getElementById('budget-value').textContent === '300'")
+    page.wait_for_function("() => document.getElementById('budget-value').textContent === '300'")
     # The budget is known while the answer is not.
     assert page.text_content("#answer") == "–"
     assert page.is_enabled("#stop") and page.is_enabled("#answer-now")
-    page.wait_for_function("document.getElementById('solution').textContent.length > 0")
-    page.wait_for_function("parseFloat(document.getElementById('progress').style.width) > 0")
+    page.wait_for_function("() => document.getElementById('solution').textContent.length > 0")
+    page.wait_for_function("() => parseFloat(document.getElementById('progress').style.width) > 0")
     assert page.text_content("#eta").endswith(" s")
     page.click("#stop")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('Stopped')")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Stopped')")
     assert page.is_enabled("#ask") and not page.is_enabled("#stop")
     shown = page.text_content("#solution")
     time.sleep(0.3)
@@ -95,10 +98,10 @@ def test_budget_appears_before_the_answer_and_stop_stops(page, live):
 
 def test_answer_now_answers(page, live, tmp_path):
     ask(page, "What is 9 * 4 + 2?", "300")
-    page.wait_for_function("document.getElementById('budget-value').textContent === '300'")
-    page.wait_for_function("parseInt(document.getElementById('used').textContent) >= 20")
+    page.wait_for_function("() => document.getElementById('budget-value').textContent === '300'")
+    page.wait_for_function("() => parseInt(document.getElementById('used').textContent) >= 20")
     page.click("#answer-now")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('Answered early')")
+    page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Answered early')")
     assert "So the answer is" in page.text_content("#solution")
     assert page.text_content("#answer") != "–"
     assert httpx.get(f"{live.url}/metrics", timeout=10).json()["answered_early"] == 1
@@ -107,3 +110,10 @@ def test_answer_now_answers(page, live, tmp_path):
     shot.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_the_page_runs_under_its_content_security_policy(page, live):
+    # The two tests above drove the page's script: it ran under the policy, and nothing was refused.
+    assert "script-src 'sha256-" in httpx.get(f"{live.url}/", timeout=10).headers["content-security-policy"]
+    assert page.text_content("#answer") != "–"
+    assert not [line for line in CONSOLE if "Content Security Policy" in line or "Refused to" in line]

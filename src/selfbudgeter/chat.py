@@ -89,6 +89,7 @@ def _json_result(final, question: str, budget_event) -> dict[str, Any]:
         "seconds_to_budget": final.seconds_to_budget,
         "seconds_total": final.seconds_total,
         "used_tokens": final.used_tokens,
+        "generated_tokens": final.generated_tokens,
         "within_budget": final.within_budget,
         "answer": final.answer,
         "finish_reason": final.finish_reason,
@@ -242,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--json needs --question (it prints the result of one question)")
     if args.question is not None and not args.question.strip():
         raise UserError("the question is empty")
+    from .generator import check_request
+
+    # Seeds, temperatures and the like fail here, in one line, before the model loads.
+    check_request(_request(args, args.question or "a question", budget))
     from .models import resolve
 
     resolve(args.model)  # a missing path fails here, before torch is imported

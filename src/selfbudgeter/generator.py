@@ -22,11 +22,18 @@ How it sits on transformers, and where it goes beyond the plain `generate` call:
    decoding starts at once instead of queueing behind it. This is not continuous batching; rows do not join
    a running `generate` call.
 
-Token accounting (the spec leaves it open): `used_tokens` counts the tokens the model generated after the
-budget was known, excluding EOS and padding; the answer-forcing suffix is inserted text, not generated,
-and is not counted. `max_new_tokens` caps every generated token of a request, budget tag included, like
-OpenAI's `max_completion_tokens`. With `enforce_budget`, answer-now fires when `used_tokens` reaches
-`int(budget * (1 + slack))`, so `used_tokens <= int(budget * (1 + slack)) + answer_cap`.
+Token accounting (the spec leaves it open): `generated_tokens` counts every token the model generated for a
+request (budget tag, solution, forced answer), `used_tokens` those generated after the budget was known; both
+exclude EOS and padding, and the answer-forcing suffix is inserted text, not generated, so neither counts it.
+`max_new_tokens` caps `generated_tokens`, like OpenAI's `max_completion_tokens`. With `enforce_budget`,
+answer-now fires when `used_tokens` reaches `int(budget * (1 + slack))`, so
+`used_tokens <= int(budget * (1 + slack)) + answer_cap`.
+
+Containment: a row whose sampling or event parsing raises ends alone (its handle raises the error) while its
+batch-mates go on; only an error of the batched forward pass itself fails the whole batch. Requests are
+checked before they queue (`check_request`): seeds fit a signed 64-bit integer (what `torch.Generator` and
+vLLM take), temperatures below `SAMPLING_EPS` sample greedily (vLLM's rule; 1e-45 would overflow the
+logits), and text the user typed is encoded as text, never as the chat template's control tokens.
 
 Beyond the spec: `GenerationHandle` also supports `async for` directly, `done`, `budget` and
 `result(timeout)`; every iterator over a handle sees every event (events are kept per handle); an error in
@@ -43,6 +50,7 @@ import asyncio
 import logging
 import queue
 import random
+import re
 import threading
 import time
 import uuid
@@ -64,7 +72,10 @@ SPEED_EMA = 0.05
 # Tokens of prompt kept as left context when decoding incrementally (a SentencePiece leading space, a
 # byte-level merge across the prompt boundary): the same window vLLM's detokenizer uses.
 DECODE_CONTEXT = 5
-
+# Largest seed: torch.Generator.manual_seed and vLLM's SamplingParams take a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
+# Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by 1e-45 gives inf/NaN.
+SAMPLING_EPS = 1e-5
 
 
 class _Default:
@@ -89,6 +100,7 @@ class GenerationRequest:
     slack: float = 0.2
     answer_cap: int = 32  # max tokens of the forced final answer after answer-now
     system_prompt: str | None = _UNSET  # default: the generator's
+    fit_budget: bool = False  # lower a budget that does not fit the context after the prompt instead of refusing it
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class BudgetEvent:
     source: str  # "model" | "user"
     eta_seconds: float  # tokens / measured decode speed
     elapsed: float  # seconds since the request started
+    generated_tokens: int = 0  # tokens generated so far: the budget tag's, or 0 for a user budget
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,7 @@ class TextEvent:
     used_tokens: int  # generated tokens so far (after the budget)
     eta_seconds: float | None
     phase: str  # "solution" | "answer" (text forced by answer-now)
+    generated_tokens: int = 0  # every generated token so far, budget tag included
 
 
 @dataclass(frozen=True)
@@ -120,6 +134,7 @@ class FinalEvent:
     format_error: str | None
     seconds_to_budget: float | None
     seconds_total: float
+    generated_tokens: int = 0  # every generated token: budget tag, solution and forced answer (EOS excluded)
 
 
 Event = BudgetEvent | TextEvent | FinalEvent
@@ -139,6 +154,7 @@ class GenerationHandle:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._stop = threading.Event()
         self._answer_now = threading.Event()
+        self.prompt_tokens = 0  # length of the prompt the model reads, set when the request is prepared
 
     def stop(self) -> None:
         """End generation within one decode step; the FinalEvent says "stopped"."""
@@ -262,6 +278,35 @@ class _Detokenizer:
         return full[len(prefix) :]
 
 
+class _TagFilter:
+    """Keeps budget-format tags out of emitted text. Inside a well-formed solution the format parser already
+    hides them; after a format error it passes the rest through raw, tags included. Removed: the four tags,
+    and a closing tag that lost its `>` (`</budget`, which no prose or code writes; `<budget` without `>`
+    may be code, `cost<budget`, and stays). Text that may still become a tag is held back; at the end a held
+    partial tag is dropped (tag characters, not text), as the format parser does at the end of a solution."""
+
+    PATTERN = re.compile("|".join([re.escape(fmt.BUDGET_OPEN), re.escape(fmt.SOLUTION_OPEN),
+                                   re.escape(fmt.BUDGET_CLOSE[:-1]) + ">?", re.escape(fmt.SOLUTION_CLOSE[:-1]) + ">?"]))
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text = self.held + text
+        while True:  # removing one tag may join the text around it into another
+            stripped = self.PATTERN.sub("", text)
+            if stripped == text:
+                break
+            text = stripped
+        hold = max((n for tag in fmt.TAGS for n in range(1, len(tag)) if text.endswith(tag[:n])), default=0)
+        self.held = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
+
+    def close(self) -> str:
+        self.held = ""
+        return ""
+
+
 class _Row:
     """The state of one request while it runs."""
 
@@ -290,6 +335,7 @@ class _Row:
         self.rng = None  # torch.Generator, made on the scores' device at the first step
         self.detok: _Detokenizer | None = None
         self.budget_hint: int | None = None  # the user's budget, validated
+        self.tags = _TagFilter()
 
 
 class _Streamer:
@@ -311,7 +357,10 @@ class _Streamer:
         self.last_step = now
         for row, token in zip(self.rows, value.tolist()):
             if not row.closed:
-                self.gen._on_token(row, token)
+                try:
+                    self.gen._on_token(row, token)
+                except Exception as err:  # this row's failure, not its batch-mates'
+                    self.gen._fail_row(row, err)
 
     def end(self) -> None:
         pass
@@ -329,7 +378,27 @@ def _make_criteria(rows: list[_Row]):
     return RowsDone()
 
 
-def _make_sampler(rows: list[_Row]):
+def _sample(row: _Row, logits):
+    """One row's next token from its logits (float32), with its own temperature, top-p and seeded generator."""
+    import torch
+
+    temperature, top_p = row.request.temperature, row.request.top_p
+    if temperature < SAMPLING_EPS or row.closed:
+        return torch.argmax(logits)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest head whose mass reaches top_p (always at least the top token).
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    if row.rng is None:
+        row.rng = torch.Generator(device=logits.device)
+        row.rng.manual_seed(row.seed)
+    return torch.multinomial(probs, 1, generator=row.rng)[0]
+
+
+def _make_sampler(gen: BudgetGenerator, rows: list[_Row]):
     import torch
     from transformers import LogitsProcessor
 
@@ -338,21 +407,11 @@ def _make_sampler(rows: list[_Row]):
             chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
             for i, row in enumerate(rows):
                 logits = scores[i].float()
-                temperature, top_p = row.request.temperature, row.request.top_p
-                if temperature == 0 or row.closed:
+                try:
+                    chosen[i] = _sample(row, logits)
+                except Exception as err:  # the row ends with its error; the batch goes on without it
+                    gen._fail_row(row, err)
                     chosen[i] = torch.argmax(logits)
-                    continue
-                probs = torch.softmax(logits / temperature, dim=-1)
-                if top_p < 1.0:
-                    sorted_probs, order = torch.sort(probs, descending=True)
-                    # Keep the smallest head whose mass reaches top_p (always at least the top token).
-                    drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
-                    sorted_probs[drop] = 0.0
-                    probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-                if row.rng is None:
-                    row.rng = torch.Generator(device=scores.device)
-                    row.rng.manual_seed(row.seed)
-                chosen[i] = torch.multinomial(probs, 1, generator=row.rng)[0]
             out = torch.full_like(scores, float("-inf"))
             out.scatter_(1, chosen[:, None], 0.0)
             return out
@@ -399,6 +458,8 @@ class BudgetGeneratorBase:
         self.answer_suffix = answer_suffix
         self.max_context = max_context or self._model_context()
         self._suffix_ids = tokenizer.encode(answer_suffix, add_special_tokens=False) if answer_suffix else []
+        self._special_texts = _special_texts(tokenizer)
+        self._max_question_chars = _max_question_chars(tokenizer, self.max_context)
         self._eos_ids = self._eos_token_ids()
         self._step_seconds: float | None = None
         self._speed_lock = threading.Lock()
@@ -516,21 +577,13 @@ class BudgetGeneratorBase:
         return ids
 
     def _prepare(self, request: GenerationRequest, started: float) -> _Row:
-        if not isinstance(request, GenerationRequest):
-            raise UserError(f"expected a GenerationRequest, got {type(request).__name__}")
+        check_request(request)
         q = request.question
-        if not isinstance(q, str) or not q.strip():
-            raise UserError("the question is empty")
-        _check_number("temperature", request.temperature, low=0.0)
-        _check_number("top_p", request.top_p, low=0.0, low_open=True, high=1.0)
-        _check_number("slack", request.slack, low=0.0)
-        _check_int("answer_cap", request.answer_cap, low=1)
-        if request.max_new_tokens is not None:
-            _check_int("max_new_tokens", request.max_new_tokens, low=1)
-        if request.seed is not None:
-            _check_int("seed", request.seed, low=0)
+        if len(q) > self._max_question_chars:  # refused without the seconds a megabyte takes to tokenize
+            raise UserError(f"the question is {len(q)} characters: more than the model's context of "
+                            f"{self.max_context} tokens can hold")
         system = self.system_prompt if request.system_prompt is _UNSET else request.system_prompt
-        base_ids = self._encode(prompt_text(self.tokenizer, q, system_prompt=system))
+        base_ids = self.encode_prompt(q, system_prompt=system)
         room = self.max_context - len(base_ids)
         if room < 1:
             raise UserError(f"the prompt is {len(base_ids)} tokens; the model's context is {self.max_context}")
@@ -539,10 +592,18 @@ class BudgetGeneratorBase:
             try:
                 if isinstance(request.budget, str):  # "120" is not an int: a caller bug, not a budget
                     raise fmt.FormatError("budget_not_integer", "a string")
-                budget = fmt.validate_budget(request.budget, room)
+                budget = fmt.validate_budget(request.budget, None if request.fit_budget else room)
             except fmt.FormatError as err:
                 raise UserError(_budget_message(request.budget, err, room)) from None
-            prompt_ids = self._encode(prompt_text(self.tokenizer, q, budget=budget, system_prompt=system))
+            if request.fit_budget:
+                budget = min(budget, room)
+            prompt_ids = self.encode_prompt(q, budget=budget, system_prompt=system)
+            left = self.max_context - len(prompt_ids)
+            if request.fit_budget and 1 <= left < budget:
+                # The pre-filled tag takes room too: fit the budget to what is left after it (fewer digits
+                # only shorten the tag).
+                budget = left
+                prompt_ids = self.encode_prompt(q, budget=budget, system_prompt=system)
         else:
             prompt_ids = base_ids
         room = self.max_context - len(prompt_ids)
@@ -551,13 +612,39 @@ class BudgetGeneratorBase:
         default_cap = getattr(self._generation_defaults(), "max_new_tokens", None)
         max_new = min(request.max_new_tokens or default_cap or room, room)
         row = _Row(GenerationHandle(request, self), prompt_ids, max_new, max(1, room), started)
+        row.handle.prompt_tokens = len(prompt_ids)
         row.budget_hint = budget
         row.detok = _Detokenizer(self.tokenizer, prompt_ids)
         return row
 
-    def _encode(self, text: str) -> list[int]:
-        # The chat template already wrote any BOS the model wants.
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def encode_prompt(self, question: str, *, budget: int | None = None,
+                      system_prompt: str | None = _UNSET) -> list[int]:
+        """Token ids of the model's prompt for `question` (see `data.prompt_text`). The chat template's control
+        tokens are control tokens; the user's text is text: a special token the user typed (`<|im_end|>`,
+        `<|assistant|>`) is encoded as the characters it is made of, so a user cannot forge turns. A question
+        without special-token text is encoded as the whole prompt text, exactly as in training."""
+        system = self.system_prompt if system_prompt is _UNSET else system_prompt
+        text = prompt_text(self.tokenizer, question, budget=budget, system_prompt=system)
+        found = [special for special in self._special_texts if special in question]
+        if not found:
+            return self._encode(text)
+        # Where the question sits in the prompt: render once more with a marker the template leaves alone.
+        marker = f"SELFBUDGETERQUESTION{uuid.uuid4().hex}"
+        template = prompt_text(self.tokenizer, marker, budget=budget, system_prompt=system)
+        if template.count(marker) == 1:
+            head, tail = template.split(marker)
+            for inner in (question, question.strip()):  # some templates trim the content
+                if head + inner + tail == text:
+                    return self._encode(head) + self._encode(inner, special=False) + self._encode(tail)
+        raise UserError(f"the question contains {found[0]!r}, a control token of this model, and its chat "
+                        "template changes the question so that it cannot be kept as plain text")
+
+    def _encode(self, text: str, special: bool = True) -> list[int]:
+        # The chat template already wrote any BOS the model wants. `special=False`: special-token text is
+        # split into ordinary tokens (transformers' `split_special_tokens`).
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special)["input_ids"])
 
     # --- speed ------------------------------------------------------------------------------------------
 
@@ -588,6 +675,7 @@ class BudgetGeneratorBase:
                         source=source,
                         eta_seconds=self._eta(event.budget),
                         elapsed=row.budget_time - row.started,
+                        generated_tokens=len(row.generated),
                     )
                 )
             elif isinstance(event, fmt.TextEvent):
@@ -601,12 +689,16 @@ class BudgetGeneratorBase:
         return ended
 
     def _emit_text(self, row: _Row, text: str, phase: str) -> None:
+        text = row.tags.feed(text)
+        if not text:
+            return
         row.solution += text
         if phase == "answer":
             eta = None
         else:
             eta = self._eta(row.budget - row.used) if row.budget is not None else None
-        row.handle._push(TextEvent(text=text, used_tokens=row.used, eta_seconds=eta, phase=phase))
+        row.handle._push(TextEvent(text=text, used_tokens=row.used, eta_seconds=eta, phase=phase,
+                                   generated_tokens=len(row.generated)))
 
     def _on_token(self, row: _Row, token: int) -> None:
         """One generated token of a row in the main generation (called on the thread that decodes it)."""
@@ -686,6 +778,7 @@ class BudgetGeneratorBase:
             format_error=format_error,
             seconds_to_budget=None if row.budget_time is None else row.budget_time - row.started,
             seconds_total=now - row.started,
+            generated_tokens=len(row.generated),
         )
         row.final = final
         with self._stats.lock:
@@ -705,9 +798,15 @@ class BudgetGeneratorBase:
                 self._queued.pop(row.handle.id, None)
                 with self._stats.lock:
                     self._stats.aborted += 1
+                    self._stats.tokens += len(row.generated)
                 with self._active_lock:
                     self._active.discard(row.handle)
                 row.handle._fail(err)
+
+    def _fail_row(self, row: _Row, err: BaseException) -> None:
+        """One row failed while its batch decodes: it ends with the error, its batch-mates go on."""
+        logger.error("%s failed; it ends alone, its batch-mates go on", row.handle.id, exc_info=err)
+        self._abort([row], err)
 
     # --- answer now ---------------------------------------------------------------------------------------
 
@@ -933,7 +1032,7 @@ class BudgetGenerator(BudgetGeneratorBase):
                 ids,
                 attention_mask=mask,
                 generation_config=self._generation_config(max(r.max_new for r in rows)),
-                logits_processor=LogitsProcessorList([_make_sampler(rows)]),
+                logits_processor=LogitsProcessorList([_make_sampler(self, rows)]),
                 stopping_criteria=StoppingCriteriaList([_make_criteria(rows)]),
                 streamer=_Streamer(self, rows),
             )
@@ -1026,11 +1125,55 @@ def _cut_at_close(text: str, state: dict) -> tuple[str, bool]:
     return text, False
 
 
-def _check_int(name: str, value: object, low: int) -> None:
+def check_request(request: GenerationRequest) -> None:
+    """The checks that need no model: types and ranges of every field (UserError naming the field). The
+    budget against the context and the prompt's length are checked when the request is prepared."""
+    if not isinstance(request, GenerationRequest):
+        raise UserError(f"expected a GenerationRequest, got {type(request).__name__}")
+    q = request.question
+    if not isinstance(q, str) or not q.strip():
+        raise UserError("the question is empty")
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError("the question is not valid Unicode text (it contains a lone surrogate)") from None
+    _check_number("temperature", request.temperature, low=0.0)
+    _check_number("top_p", request.top_p, low=0.0, low_open=True, high=1.0)
+    _check_number("slack", request.slack, low=0.0)
+    _check_int("answer_cap", request.answer_cap, low=1)
+    if request.max_new_tokens is not None:
+        _check_int("max_new_tokens", request.max_new_tokens, low=1)
+    if request.seed is not None:
+        _check_int("seed", request.seed, low=0, high=MAX_SEED)
+
+
+def _special_texts(tokenizer) -> list[str]:
+    """The text of every special token the tokenizer would turn into a control token when parsing text."""
+    texts = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            texts.add(str(token))
+    return sorted((t for t in texts if t), key=len, reverse=True)
+
+
+def _max_question_chars(tokenizer, max_context: int) -> int:
+    """Characters beyond which a question cannot fit `max_context` tokens whatever it says. A token covers at
+    most as many characters as its vocabulary entry has (byte-level BPE: one per byte; SentencePiece and
+    WordPiece add a marker); twice that leaves room for normalizers that shorten text."""
+    try:
+        special = set(_special_texts(tokenizer))
+        longest = max((len(t) for t in tokenizer.get_vocab() if t not in special), default=0)
+    except Exception:  # a tokenizer without a vocabulary to read: no early refusal
+        return 1 << 62
+    return 2 * max(longest, 1) * max_context if longest else 1 << 62
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UserError(f"{name} must be an integer, not {value!r}")
-    if value < low:
-        raise UserError(f"{name} must be >= {low}, not {value}")
+    if value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise UserError(f"{name} must be {bounds}, not {value}")
 
 
 def _check_number(name: str, value: object, low: float, low_open: bool = False, high: float | None = None) -> None:
@@ -1051,6 +1194,8 @@ def _budget_message(budget: object, err: fmt.FormatError, room: int) -> str:
 
 
 __all__ = [
+    "MAX_SEED",
+    "SAMPLING_EPS",
     "BudgetEvent",
     "BudgetGenerator",
     "BudgetGeneratorBase",
@@ -1059,4 +1204,5 @@ __all__ = [
     "GenerationHandle",
     "GenerationRequest",
     "TextEvent",
+    "check_request",
 ]

@@ -15,7 +15,8 @@ Request fields beyond OpenAI's own (see `parse_chat_request`):
               model's turn, so the model plans a solution of about N tokens. Several given must agree.
   effort      `reasoning_effort` (or `reasoning: {"effort": ...}`) picks a budget from `EFFORT_BUDGETS`;
               an explicit number wins over an effort. `medium` (OpenAI's default) and no field at all let
-              the model estimate its own budget, which is the point of SelfBudgeter.
+              the model estimate its own budget, which is the point of SelfBudgeter. A preset is lowered to
+              what fits the context after the prompt; an explicit budget that does not fit is a 400.
   cap         `max_completion_tokens` (or legacy `max_tokens`): hard cap, ends with finish_reason "length".
   enforcement `enforce_budget: true, budget_slack: 0.2`: at budget * (1 + slack) tokens the model is made to
               answer at once. The server default is `--enforce-budget`.
@@ -31,6 +32,22 @@ Where this deviates from an OpenAI server:
 4. `finish_reason` is "stop", "length" or "abort" (cancelled); the generator's own reason
    ("finished", "answered_early", "format_error", ...) is the choice's `finish_detail`.
 5. At `max_concurrent` running generations a request gets 429 with `Retry-After` (the client retries it).
+6. `usage.completion_tokens` counts every generated token, the budget tag included (as OpenAI counts a
+   reasoning model's hidden reasoning); `completion_tokens_details.reasoning_tokens` is the solution's share
+   and `usage.budget.used_tokens` the count the budget is measured against.
+
+Safety defaults (one bad request must not hurt others, and a web page must not drive a local server):
+- Every bad input is a 4xx in OpenAI's error shape: wrong JSON types, NaN, deep nesting, lone surrogates;
+  seeds must fit a signed 64-bit integer. Echoed values are truncated.
+- Preparing a request (chat template, tokenizer) runs off the event loop; a question far longer than the
+  context is refused before it is tokenized. A row that fails while its batch decodes ends alone.
+- POSTs need `Content-Type: application/json` (415): a cross-site page can only send JSON after a CORS
+  preflight, which this server never grants. `Host` must be a loopback name or the bound address on the
+  port the request came in on (403, against DNS rebinding), and a POST's `Origin`, when sent, must be the
+  server's own (403, against CSRF); `--allowed-hosts` / `--allowed-origins` widen both.
+- The page is served with a hash-based Content-Security-Policy, `X-Frame-Options: DENY` and no referrer;
+  every response has `X-Content-Type-Options: nosniff`. With `--api-key`, /metrics needs the key too;
+  /health stays open for liveness probes and the page.
 
 Backends (`--backend`): `transformers` (default, any device; `generator.BudgetGenerator`) or `vllm` (CUDA
 GPUs, `pip install 'selfbudgeter[vllm]'`; `vllm_generator.VLLMBudgetGenerator`). Both have the same
@@ -44,6 +61,7 @@ import inspect
 import ipaddress
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -54,6 +72,7 @@ from typing import Any, AsyncIterator, Callable
 
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
+from . import generator as genlib
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +117,12 @@ class ServerConfig:
     effort_budgets: dict[str, int | None] = field(default_factory=lambda: dict(EFFORT_BUDGETS))
     ping_seconds: float = 10.0  # `: ping` keep-alive while no token comes (proxies drop idle streams)
     retry_after_seconds: int = 1
+    # The address the server is bound to: requests must name it (or a loopback name) in `Host`, which
+    # defeats DNS rebinding. The port checked is the one each request came in on (`port` when unknown).
+    host: str = "127.0.0.1"
+    port: int = 0
+    allowed_hosts: tuple[str, ...] = ()  # more names for `Host` (a reverse proxy's); "*": any
+    allowed_origins: tuple[str, ...] = ()  # more origins that may POST (a separate web UI's); "*": any
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -117,8 +142,9 @@ class ServerConfig:
 class ApiError(Exception):
     """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
 
-    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+             415: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
@@ -138,6 +164,16 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> Api
     return ApiError(400, message, param=param, code=code)
 
 
+def _shown(value: Any) -> str:
+    """A request value as an error message echoes it: short whatever its size or depth."""
+    import reprlib
+
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = shown.maxlong = 40
+    shown.maxlevel, shown.maxlist, shown.maxdict = 2, 4, 4
+    return shown.repr(value)
+
+
 @dataclass(frozen=True)
 class ChatParams:
     """A validated chat request: what the generator needs plus how to answer."""
@@ -153,6 +189,7 @@ class ChatParams:
     stream: bool
     include_usage: bool
     continuous_usage: bool
+    fit_budget: bool = False  # a reasoning_effort preset: lowered to what fits the context, never refused
 
     def generation_kwargs(self) -> dict[str, Any]:
         return {
@@ -164,6 +201,7 @@ class ChatParams:
             "seed": self.seed,
             "enforce_budget": self.enforce_budget,
             "slack": self.slack,
+            "fit_budget": self.fit_budget,
         }
 
 
@@ -172,19 +210,39 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # NaN and infinities fail every range check below, but say so here too: `nan <= 2` is merely False.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(body: dict[str, Any], param: str, check: Callable[[Any], bool], kind: str, default: Any = None,
+              name: str | None = None) -> Any:
+    """body[param], or `default` when absent or null; a 400 naming the field when `check` refuses it."""
+    value = body.get(param)
+    if value is None:
+        return default
+    if not check(value):
+        raise _bad(f"{name or param} must be {kind}; got {_shown(value)}", name or param)
+    return value
+
+
+def _text(value: str, param: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad("the text is not valid Unicode (it contains a lone surrogate)", param) from None
+    return value
 
 
 def _message_text(content: Any, index: int) -> str:
     param = f"messages[{index}].content"
     if isinstance(content, str):
-        return content
+        return _text(content, param)
     if isinstance(content, list):
         texts = []
         for part in content:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise _bad("only text content parts are supported", param)
-            texts.append(part["text"])
+            texts.append(_text(part["text"], param))
         return "\n".join(texts)
     raise _bad("message content must be a string or a list of text parts", param)
 
@@ -210,22 +268,20 @@ def _question(messages: Any) -> str:
 
 
 def _checked_budget(value: Any, param: str, max_budget: int) -> int:
+    if not _is_int(value):  # "40" is a caller's bug, not a budget (format.validate_budget also reads tag text)
+        raise _bad(f"{param} must be an integer from 1 to {max_budget}; got {_shown(value)}", param, "invalid_budget")
     try:
         return validate_budget(value, max_budget)
     except FormatError as err:
-        shown = value if not isinstance(value, str) else repr(value[:20])
-        raise _bad(f"{param} must be an integer from 1 to {max_budget}; got {shown} ({err.reason})",
+        raise _bad(f"{param} must be an integer from 1 to {max_budget}; got {_shown(value)} ({err.reason})",
                    param, "invalid_budget") from None
 
 
-def _budget(body: dict[str, Any], config: ServerConfig) -> int | None:
-    thinking = body.get("thinking")
-    reasoning = body.get("reasoning")
-    if thinking is not None and not isinstance(thinking, dict):
-        raise _bad("thinking must be an object", "thinking")
-    if reasoning is not None and not isinstance(reasoning, dict):
-        raise _bad("reasoning must be an object", "reasoning")
-    thinking, reasoning = thinking or {}, reasoning or {}
+def _budget(body: dict[str, Any], config: ServerConfig) -> tuple[int | None, bool]:
+    """The budget the request sets, and whether it is a preset (fitted to the context rather than refused)."""
+    is_object = lambda value: isinstance(value, dict)  # noqa: E731
+    thinking = _optional(body, "thinking", is_object, "an object", {})
+    reasoning = _optional(body, "reasoning", is_object, "an object", {})
     given = {
         "thinking_token_budget": body.get("thinking_token_budget"),
         "thinking.budget_tokens": thinking.get("budget_tokens"),
@@ -235,36 +291,36 @@ def _budget(body: dict[str, Any], config: ServerConfig) -> int | None:
     if len(set(budgets.values())) > 1:
         raise _bad(f"conflicting budgets: {', '.join(f'{k}={v}' for k, v in budgets.items())}", next(iter(budgets)))
     if budgets:
-        return next(iter(budgets.values()))
-    effort, param = body.get("reasoning_effort"), "reasoning_effort"
-    if effort is None and reasoning.get("effort") is not None:
-        effort, param = reasoning["effort"], "reasoning.effort"
-    if effort is None and thinking.get("type") == "disabled":
+        return next(iter(budgets.values())), False
+    is_str = lambda value: isinstance(value, str)  # noqa: E731
+    effort, param = _optional(body, "reasoning_effort", is_str, "a string"), "reasoning_effort"
+    if effort is None:
+        effort, param = _optional(reasoning, "effort", is_str, "a string", name="reasoning.effort"), "reasoning.effort"
+    kind = _optional(thinking, "type", is_str, "a string", name="thinking.type")
+    if effort is None and kind == "disabled":
         effort, param = "none", "thinking.type"
     if effort is None:
-        return None
+        return None, False
     if effort not in config.effort_budgets:
-        raise _bad(f"{param} must be one of {', '.join(config.effort_budgets)}; got {effort!r}", param)
+        raise _bad(f"{param} must be one of {', '.join(config.effort_budgets)}; got {_shown(effort)}", param)
     preset = config.effort_budgets[effort]
-    return None if preset is None else min(preset, config.max_budget)
+    return (None, False) if preset is None else (min(preset, config.max_budget), True)
 
 
 def parse_chat_request(body: Any, config: ServerConfig) -> ChatParams:
-    """Validate a chat-completions body; raise ApiError (400/404) naming the offending field."""
+    """Validate a chat-completions body; raise ApiError (400/404) naming the offending field. Everything it
+    lets through passes `generator.check_request`, so no request fails later for a value it could have seen."""
     if not isinstance(body, dict):
         raise _bad("the request body must be a JSON object")
-    model = body.get("model")
+    model = _optional(body, "model", lambda v: isinstance(v, str), "a string")
     if model is not None and model not in config.model_names:
-        raise ApiError(404, f"the model {model!r} does not exist; this server serves "
+        raise ApiError(404, f"the model {_shown(model)} does not exist; this server serves "
                        f"{', '.join(map(repr, config.model_names))}", param="model", code="model_not_found")
     question = _question(body.get("messages"))
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise _bad("only n=1 is supported", "n")
+    _optional(body, "n", lambda v: _is_int(v) and v == 1, "1 (one choice per request)")
 
-    stream = body.get("stream") or False
-    if not isinstance(stream, bool):
-        raise _bad("stream must be a boolean", "stream")
+    is_bool = lambda value: isinstance(value, bool)  # noqa: E731
+    stream = _optional(body, "stream", is_bool, "a boolean", False)
     options = body.get("stream_options")
     if options is not None:
         if not stream:
@@ -272,42 +328,30 @@ def parse_chat_request(body: Any, config: ServerConfig) -> ChatParams:
         if not isinstance(options, dict):
             raise _bad("stream_options must be an object", "stream_options")
     options = options or {}
-    include_usage = bool(options.get("include_usage"))
-    continuous = bool(options.get("continuous_usage_stats"))
+    include_usage = _optional(options, "include_usage", is_bool, "a boolean", False,
+                              name="stream_options.include_usage")
+    continuous = _optional(options, "continuous_usage_stats", is_bool, "a boolean", False,
+                           name="stream_options.continuous_usage_stats")
 
-    cap = None
-    for param in ("max_completion_tokens", "max_tokens"):
-        value = body.get(param)
-        if value is not None:
-            if not _is_int(value) or value < 1:
-                raise _bad(f"{param} must be a positive integer; got {value!r}", param)
-            cap = value
-            break
+    positive = lambda value: _is_int(value) and value >= 1  # noqa: E731
+    cap = _optional(body, "max_completion_tokens", positive, "a positive integer")
+    if cap is None:
+        cap = _optional(body, "max_tokens", positive, "a positive integer")
 
-    temperature = body.get("temperature", 0.6)
-    temperature = 0.6 if temperature is None else temperature
-    if not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise _bad(f"temperature must be a number from 0 to 2; got {temperature!r}", "temperature")
-    top_p = body.get("top_p", 1.0)
-    top_p = 1.0 if top_p is None else top_p
-    if not _is_number(top_p) or not 0 < top_p <= 1:
-        raise _bad(f"top_p must be a number in (0, 1]; got {top_p!r}", "top_p")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad(f"seed must be an integer; got {seed!r}", "seed")
+    temperature = _optional(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number from 0 to 2",
+                            0.6)
+    top_p = _optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]", 1.0)
+    seed = _optional(body, "seed", lambda v: _is_int(v) and 0 <= v <= genlib.MAX_SEED,
+                     f"an integer from 0 to {genlib.MAX_SEED} (2**63 - 1)")
 
-    enforce = body.get("enforce_budget", config.enforce_budget)
-    enforce = config.enforce_budget if enforce is None else enforce
-    if not isinstance(enforce, bool):
-        raise _bad("enforce_budget must be a boolean", "enforce_budget")
-    slack = body.get("budget_slack", config.budget_slack)
-    slack = config.budget_slack if slack is None else slack
-    if not _is_number(slack) or not 0 <= slack <= 10:
-        raise _bad(f"budget_slack must be a number from 0 to 10; got {slack!r}", "budget_slack")
+    enforce = _optional(body, "enforce_budget", is_bool, "a boolean", config.enforce_budget)
+    slack = _optional(body, "budget_slack", lambda v: _is_number(v) and 0 <= v <= 10, "a number from 0 to 10",
+                      config.budget_slack)
+    budget, fit = _budget(body, config)
 
     return ChatParams(
         question=question,
-        budget=_budget(body, config),
+        budget=budget,
         max_new_tokens=cap,
         temperature=float(temperature),
         top_p=float(top_p),
@@ -317,6 +361,7 @@ def parse_chat_request(body: Any, config: ServerConfig) -> ChatParams:
         stream=stream,
         include_usage=include_usage,
         continuous_usage=continuous,
+        fit_budget=fit,
     )
 
 
@@ -356,7 +401,7 @@ class _Live:
     """One running generation, findable by its completion id for the control call."""
 
     handle: Any
-    used_tokens: int = 0
+    generated_tokens: int = 0  # as of the last event the server saw
     cancelled: bool = False
 
 
@@ -366,6 +411,8 @@ class _State:
         self.config = config
         self.metrics = Metrics()
         self.live: dict[str, _Live] = {}
+        self.starting = 0  # requests whose prompt is being prepared off the loop: each holds a slot
+        self._counting: set[asyncio.Task] = set()
 
     def finish(self, cid: str, final: Any | None, *, failed: bool = False) -> None:
         """Account for a generation that ended. `final` is None when it ended early: the client went away,
@@ -375,22 +422,48 @@ class _State:
             return
         if final is None:
             live.handle.stop()  # frees the batch slot within one decode step
-            self.metrics.add("tokens_generated", live.used_tokens)
             if failed:
                 self.metrics.add("failed")
             elif live.cancelled:
                 self.metrics.add("cancelled")
             else:
                 self.metrics.add("aborted_by_disconnect")
-                logger.info("%s: client went away after %d tokens; generation stopped", cid, live.used_tokens)
+                logger.info("%s: client went away after %d tokens; generation stopped", cid, live.generated_tokens)
+            self._count_when_ended(live, failed)
             return
-        self.metrics.add("tokens_generated", final.used_tokens)
+        self.metrics.add("tokens_generated", final.generated_tokens)
         if live.cancelled or final.finish_reason == "stopped":
             self.metrics.add("cancelled")
         else:
             self.metrics.add("completed")
             if final.finish_reason == "answered_early":
                 self.metrics.add("answered_early")
+
+    def _count_when_ended(self, live: _Live, failed: bool) -> None:
+        """Count a stopped generation's tokens from its final event, which comes within a decode step of the
+        stop: tokens made after the server stopped listening were made all the same, and the generator
+        counts them too."""
+
+        async def count() -> None:
+            final = None
+            try:
+                async for event in _events(live.handle):
+                    final = event
+            except Exception:  # it failed: the tokens seen are all that can be known
+                pass
+            made = getattr(final, "generated_tokens", None) if isinstance(final, genlib.FinalEvent) else None
+            self.metrics.add("tokens_generated", live.generated_tokens if made is None else made)
+
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if failed or loop is None:
+            self.metrics.add("tokens_generated", live.generated_tokens)
+            return
+        task = loop.create_task(asyncio.wait_for(count(), timeout=120))
+        self._counting.add(task)
+        task.add_done_callback(self._counting.discard)
 
     def stats(self) -> dict[str, Any]:
         stats = getattr(self.generator, "stats", None)
@@ -456,14 +529,19 @@ async def _with_pings(events: AsyncIterator[Any], seconds: float) -> AsyncIterat
 
 
 class _Tracker:
-    """Follows one generation's events into the numbers a response reports."""
+    """Follows one generation's events into the numbers a response reports.
 
-    def __init__(self, classes: dict[str, type], count_prompt: Callable[[], int]) -> None:
+    `completion_tokens` is every generated token (budget tag, solution, forced answer), as OpenAI counts a
+    reasoning model's hidden reasoning in it; `reasoning_tokens` is the solution's share, without the budget
+    tag and the answer forced by answer-now; `budget.used_tokens` is what the budget is measured against."""
+
+    def __init__(self, classes: dict[str, type], prompt_tokens: int) -> None:
         self.classes = classes
-        self._count_prompt = count_prompt
-        self._prompt_tokens: int | None = None
+        self.prompt_tokens = prompt_tokens
         self.budget: Any = None
-        self.reasoning_tokens = 0
+        self.tag_tokens = 0
+        self.answer_from: int | None = None  # generated tokens when the forced answer began
+        self.generated_tokens = 0
         self.used_tokens = 0
         self.eta: float | None = None
 
@@ -473,46 +551,148 @@ class _Tracker:
                 return name
         raise TypeError(f"unexpected generator event {type(event).__name__}")
 
+    def see_budget(self, event: Any) -> None:
+        self.budget = event
+        self.tag_tokens = self.generated_tokens = event.generated_tokens
+
     def see_text(self, event: Any) -> None:
         self.used_tokens = event.used_tokens
+        self.generated_tokens = event.generated_tokens
         self.eta = event.eta_seconds
-        if event.phase == "solution":
-            self.reasoning_tokens = event.used_tokens
-
-    @property
-    def prompt_tokens(self) -> int:
-        # Counted on first use, after the budget went out: it costs a chat-template render and a tokenization.
-        if self._prompt_tokens is None:
-            self._prompt_tokens = self._count_prompt()
-        return self._prompt_tokens
+        if event.phase == "answer" and self.answer_from is None:
+            self.answer_from = event.generated_tokens
 
     def usage(self, final: Any | None = None) -> dict[str, Any]:
+        generated = final.generated_tokens if final is not None else self.generated_tokens
         used = final.used_tokens if final is not None else self.used_tokens
-        reasoning = self.reasoning_tokens if self.reasoning_tokens <= used else used
-        if final is not None and final.finish_reason != "answered_early":
-            reasoning = used  # no forced answer: every generated token belongs to the solution
+        answer = 0 if self.answer_from is None else generated - self.answer_from
+        reasoning = max(0, generated - self.tag_tokens - answer)
         budget = final.budget if final is not None else (self.budget.tokens if self.budget else None)
-        return _usage(self.prompt_tokens, used, reasoning, budget, used, None if final else self.eta)
+        return _usage(self.prompt_tokens, generated, reasoning, budget, used, None if final else self.eta)
 
 
-def _prompt_tokens(generator: Any, handle: Any, params: ChatParams) -> int:
-    """Prompt length for `usage`: the handle's own count when it has one, else the prompt rendered the way
-    the generator renders it (data.prompt_text); 0 when neither is possible."""
-    count = getattr(handle, "prompt_tokens", None)
-    if isinstance(count, int):
-        return count
-    tokenizer = getattr(generator, "tokenizer", None)
-    if tokenizer is None:
-        return 0
-    from .data import SYSTEM_PROMPT, prompt_text
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python's json reads NaN and Infinity; OpenAI's API does not
 
-    try:
-        system = getattr(generator, "system_prompt", SYSTEM_PROMPT)
-        text = prompt_text(tokenizer, params.question, budget=params.budget, system_prompt=system)
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    except Exception:
-        logger.debug("could not count prompt tokens", exc_info=True)
-        return 0
+
+def _stop_submitted(future: Any) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().stop()
+
+
+def _error_response(err: ApiError):
+    """OpenAI's error shape. ASCII JSON: an echoed lone surrogate cannot break the encoding."""
+    from starlette.responses import Response
+
+    return Response(json.dumps(err.body()), status_code=err.status, headers=err.headers,
+                    media_type="application/json")
+
+
+def _page_policy(page: str) -> str:
+    """Content-Security-Policy for the web page: its own inline script and style (by hash) and requests to
+    this server; nothing else runs or loads, and no other site may frame it."""
+    import base64
+    import hashlib
+    import re
+
+    def hashes(tag: str) -> str:
+        found = re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()}'"
+                        for text in found) or "'none'"
+
+    return (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _split_host(host: str) -> tuple[str, int | None] | None:
+    """`Host` as (name, port); None when malformed. `[::1]:8000` -> ("::1", 8000)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        name, sep, rest = host[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port = rest[1:] if rest else None
+    else:
+        name, sep, port = host.partition(":")
+        port = port if sep else None
+    if not name or (port is not None and not (port.isascii() and port.isdigit() and len(port) <= 5)):
+        return None
+    return name, int(port) if port is not None else None
+
+
+def _host_allowed(host: str, config: ServerConfig, listening_port: int | None = None) -> bool:
+    """Whether a request's `Host` names this server. DNS rebinding points a hostile name at the server's
+    address, so the browser sends that name: only loopback names and the bound address, on the port the
+    server listens on, and `allowed_hosts` pass. A server bound to every interface (0.0.0.0, ::) is reached
+    by names it cannot know: there only `allowed_hosts`, when given, restrict it."""
+    if not host or "*" in config.allowed_hosts:
+        return True  # no Host at all: HTTP/1.0, never a browser
+    split = _split_host(host)
+    if split is None:
+        return False
+    name, port = split
+    if name in {h.lower() for h in config.allowed_hosts}:
+        return True  # a reverse proxy's name; its port is the proxy's
+    listening = listening_port or config.port
+    if listening and (port or 80) != listening:
+        return False
+    bound = config.host.strip("[]").lower()
+    if _is_loopback(name) or name == bound:
+        return True
+    return bound in ("0.0.0.0", "::", "") and not config.allowed_hosts
+
+
+def _origin_allowed(origin: str, host: str, config: ServerConfig) -> bool:
+    """Whether a POST's `Origin` may use the server: its own page (same origin as `Host`) or one of
+    `allowed_origins`. "null" (sandboxed frames, file:// pages) never is."""
+    origin = origin.strip().lower().rstrip("/")
+    allowed = {o.strip().lower().rstrip("/") for o in config.allowed_origins}
+    if "*" in allowed or origin in allowed:
+        return True
+    scheme, sep, netloc = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and netloc == host.strip().lower()
+
+
+def _cross_site_error(method: str, headers: dict[str, str], config: ServerConfig,
+                      listening_port: int | None = None) -> ApiError | None:
+    host = headers.get("host", "")
+    if not _host_allowed(host, config, listening_port):
+        return ApiError(403, f"Host {_shown(host)} is not this server's address (DNS rebinding?); serve other "
+                        "names with --allowed-hosts", param=None, code="host_not_allowed")
+    origin = headers.get("origin")
+    if method not in ("GET", "HEAD", "OPTIONS") and origin is not None and not _origin_allowed(origin, host, config):
+        return ApiError(403, f"requests from the web page at {_shown(origin)} are refused (cross-site); allow it "
+                        "with --allowed-origins", code="origin_not_allowed")
+    return None
+
+
+class _Guard:
+    """ASGI middleware: the cross-site checks every request passes before any route sees it, and
+    `X-Content-Type-Options: nosniff` on every response."""
+
+    def __init__(self, app: Any, config: ServerConfig) -> None:
+        self.app = app
+        self.config = config
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers: dict[str, str] = {}
+        for key, value in scope.get("headers", []):
+            headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+        server = scope.get("server") or (None, None)  # the socket the request came in on
+        error = _cross_site_error(scope["method"], headers, self.config, server[1])
+        if error is not None:
+            await _error_response(error)(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 def create_app(generator: Any, config: ServerConfig | None = None):
@@ -522,12 +702,12 @@ def create_app(generator: Any, config: ServerConfig | None = None):
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from . import generator as genlib
-
     config = config or ServerConfig()
     state = _State(generator, config)
     classes = {"budget": genlib.BudgetEvent, "text": genlib.TextEvent, "final": genlib.FinalEvent}
     page = WEB_PAGE.read_text(encoding="utf-8") if WEB_PAGE.exists() else "<p>web page missing</p>"
+    page_headers = {"Content-Security-Policy": _page_policy(page), "X-Frame-Options": "DENY",
+                    "Referrer-Policy": "no-referrer"}
     created = int(time.time())
 
     class SSEResponse(StreamingResponse):
@@ -546,9 +726,8 @@ def create_app(generator: Any, config: ServerConfig | None = None):
 
     app = FastAPI(title="selfbudgeter", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.selfbudgeter = state
-
-    def error_response(err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    app.add_middleware(_Guard, config=config)
+    error_response = _error_response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
@@ -558,7 +737,8 @@ def create_app(generator: Any, config: ServerConfig | None = None):
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
-        return error_response(ApiError(err.status_code, str(err.detail), code=None))
+        # 405 carries `Allow` in the exception's headers.
+        return error_response(ApiError(err.status_code, str(err.detail), code=None, headers=err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):
@@ -575,6 +755,11 @@ def create_app(generator: Any, config: ServerConfig | None = None):
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
     async def read_json(request: Request) -> Any:
+        # A cross-site page can POST text/plain or a form without a CORS preflight; JSON needs one.
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, f"send the body as JSON with Content-Type: application/json (got "
+                           f"{_shown(media or None)})", code="unsupported_media_type")
         limit = config.max_body_bytes
         too_big = ApiError(413, f"request body exceeds {limit} bytes", code="request_too_large")
         length = request.headers.get("content-length")
@@ -586,13 +771,23 @@ def create_app(generator: Any, config: ServerConfig | None = None):
             if len(data) > limit:
                 raise too_big
         try:
-            return json.loads(data)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise _bad(f"the request body is not valid JSON: {err}") from None
+            return json.loads(data, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as err:  # bad encoding or syntax, NaN, >4300 digits, deep nesting
+            reason = "it nests too deeply" if isinstance(err, RecursionError) else str(err)[:200]
+            raise _bad(f"the request body is not valid JSON: {reason}") from None
+
+    async def prepare(request: Any) -> Any:
+        """generator.submit off the event loop: it renders the chat template and tokenizes the question."""
+        future = asyncio.get_running_loop().run_in_executor(None, generator.submit, request)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:  # the client left meanwhile: stop what the submit starts
+            future.add_done_callback(_stop_submitted)
+            raise
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
 
     @app.get("/health")
     async def health():
@@ -601,6 +796,7 @@ def create_app(generator: Any, config: ServerConfig | None = None):
 
     @app.get("/metrics")
     async def metrics(request: Request):
+        authorize(request)
         snapshot = state.metrics.snapshot(len(state.live), state.stats())
         accept = request.headers.get("accept", "")
         wants_text = request.query_params.get("format") == "prometheus" or (
@@ -627,7 +823,8 @@ def create_app(generator: Any, config: ServerConfig | None = None):
             raise _bad(f"action must be cancel, answer_now or reasoning_end; got {action!r}", "action")
         live = state.live.get(cid) if isinstance(cid, str) else None
         if live is None:
-            raise ApiError(404, f"no running completion with id {cid!r}", param="id", code="completion_not_found")
+            raise ApiError(404, f"no running completion with id {_shown(cid)}", param="id",
+                           code="completion_not_found")
         if action == "cancel":
             live.cancelled = True
             live.handle.stop()
@@ -641,18 +838,22 @@ def create_app(generator: Any, config: ServerConfig | None = None):
         authorize(request)
         state.metrics.add("requests")
         params = parse_chat_request(await read_json(request), config)
-        if len(state.live) >= config.max_concurrent:
+        if len(state.live) + state.starting >= config.max_concurrent:
             state.metrics.add("rejected_busy")
             raise ApiError(429, f"the server is running its maximum of {config.max_concurrent} generations; "
                            "retry shortly", code="server_busy",
                            headers={"Retry-After": str(config.retry_after_seconds)})
+        state.starting += 1
         try:
-            handle = generator.submit(genlib.GenerationRequest(**params.generation_kwargs()))
+            handle = await prepare(genlib.GenerationRequest(**params.generation_kwargs()))
         except (UserError, ValueError) as err:
             raise _bad(str(err), "thinking_token_budget" if "budget" in str(err).lower() else None) from None
+        finally:
+            state.starting -= 1
         cid = f"chatcmpl-{uuid.uuid4().hex}"
         state.live[cid] = _Live(handle)
-        tracker = _Tracker(classes, lambda: _prompt_tokens(generator, handle, params))
+        prompt_tokens = getattr(handle, "prompt_tokens", 0)
+        tracker = _Tracker(classes, prompt_tokens if isinstance(prompt_tokens, int) else 0)
         logger.debug("%s: submitted (budget=%s, stream=%s)", cid, params.budget, params.stream)
         if params.stream:
             return SSEResponse(_stream(cid, params, tracker), on_close=lambda: state.finish(cid, None),
@@ -682,13 +883,14 @@ def create_app(generator: Any, config: ServerConfig | None = None):
                 kind = tracker.kind(event)
                 usage = None
                 if kind == "budget":
-                    tracker.budget = event
+                    tracker.see_budget(event)
+                    live.generated_tokens = event.generated_tokens
                     if params.continuous_usage:
                         usage = tracker.usage()
                     yield _sse(chunk(cid, {"content": None, "budget": _budget_info(event)}, usage=usage))
                 elif kind == "text":
                     tracker.see_text(event)
-                    live.used_tokens = event.used_tokens
+                    live.generated_tokens = event.generated_tokens
                     if params.continuous_usage:
                         usage = tracker.usage()
                     yield _sse(chunk(cid, {"content": event.text}, usage=usage))
@@ -718,10 +920,11 @@ def create_app(generator: Any, config: ServerConfig | None = None):
             async for event in _events(live.handle):
                 kind = tracker.kind(event)
                 if kind == "budget":
-                    tracker.budget = event
+                    tracker.see_budget(event)
+                    live.generated_tokens = event.generated_tokens
                 elif kind == "text":
                     tracker.see_text(event)
-                    live.used_tokens = event.used_tokens
+                    live.generated_tokens = event.generated_tokens
                     parts.append(event.text)
                 else:
                     return event
@@ -838,7 +1041,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback needs care")
     parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}, else none)")
+                        help=f"require `Authorization: Bearer KEY` on /v1 and /metrics (default: ${API_KEY_ENV}, "
+                        "else none)")
+    parser.add_argument("--allowed-hosts", nargs="+", default=[], metavar="NAME",
+                        help="names besides the bound address and localhost that clients may reach the server by "
+                        "(the Host header; a reverse proxy's name), or `*` for any")
+    parser.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                        help="web origins besides the server's own page that may POST to it "
+                        "(e.g. https://ui.example.com), or `*` for any")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="name clients put in `model`; extra names are aliases (default: the model folder's name)")
     parser.add_argument("--max-concurrent", type=_positive, default=64,
@@ -914,6 +1124,10 @@ def main(argv: list[str] | None = None) -> int:
         enforce_budget=args.enforce_budget,
         budget_slack=args.budget_slack,
         effort_budgets=args.effort_budgets,
+        host=args.host,
+        port=args.port,
+        allowed_hosts=tuple(args.allowed_hosts),
+        allowed_origins=tuple(args.allowed_origins),
     )
     if not config.api_key and not _is_loopback(args.host):
         logger.warning("serving on %s without an API key: anyone who can reach it can use the model", args.host)
