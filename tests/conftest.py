@@ -36,9 +36,12 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_tokenizer():
-    from selfbudgeter.embedded import build_tokenizer
+    """The shipped base model's tokenizer (the one every embedded length is counted in)."""
+    from transformers import AutoTokenizer
 
-    return build_tokenizer()
+    from selfbudgeter.embedded import BASE_MODEL_DIR
+
+    return AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
 
 
 @pytest.fixture(scope="session")
