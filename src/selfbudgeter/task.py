@@ -76,8 +76,10 @@ _FILLER = (
     "Hmm, is that correct?",
     "Okay, let me go over it again.",
 )
-_PREAMBLES = ("Let me solve this step by step.", "Okay.", "Sure, here is my work.", "Let me think.",
-              "I will compute it line by line.")
+_OPENERS = ("Okay", "Alright", "Well", "So", "Right", "Sure", "Fine", "Now")
+_SUBJECTS = ("let me", "I will", "I'll", "we can")
+_VERBS = ("solve this", "work", "compute it", "go", "count")
+_MANNERS = ("step by step", "carefully", "line by line", "from the start", "slowly")
 
 _OPENING = re.compile(r"(?:Start with|You have|\w+ has|A box holds|There are) (\d+) \S+\.")
 _OP = re.compile(r"(\d+)\) (" + "|".join(sorted(_VERB_OP, key=len, reverse=True)) + r") (\d+)")
@@ -225,7 +227,9 @@ def random_chunks(rng: random.Random, steps: int, size: int) -> tuple[int, ...]:
 
 def _preamble(rng: random.Random) -> str:
     if rng.random() < 0.5:
-        return rng.choice(_PREAMBLES)
+        # Sentences from a small grammar (about 200 of them), so that no particular opening matters.
+        return (f"{rng.choice(_OPENERS)}, {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} "
+                f"{rng.choice(_MANNERS)}.")
     # Tags of any name around a number, as a prefilled budget looks: the model learns to read past them.
     a, b = made_up_word(rng)[:-1], made_up_word(rng)[:-1]
     return f"<{a}>{rng.randint(1, 400)}</{a}><{b}>"
