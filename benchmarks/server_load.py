@@ -113,7 +113,7 @@ async def run_library(generator, requests: list[dict]) -> Run:
                 if isinstance(event, BudgetEvent):
                     run.time_to_budget.append(time.perf_counter() - started)
                 elif isinstance(event, FinalEvent):
-                    run.tokens += event.used_tokens
+                    run.tokens += event.generated_tokens
             run.latency.append(time.perf_counter() - started)
         except Exception as err:  # a load test counts failures instead of stopping at the first
             run.errors.append(f"{type(err).__name__}: {err}")

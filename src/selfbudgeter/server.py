@@ -39,8 +39,9 @@ Where this deviates from an OpenAI server:
 Safety defaults (one bad request must not hurt others, and a web page must not drive a local server):
 - Every bad input is a 4xx in OpenAI's error shape: wrong JSON types, NaN, deep nesting, lone surrogates;
   seeds must fit a signed 64-bit integer. Echoed values are truncated.
-- Preparing a request (chat template, tokenizer) runs off the event loop; a question far longer than the
-  context is refused before it is tokenized. A row that fails while its batch decodes ends alone.
+- Preparing a request (chat template, tokenizer) runs off the event loop for questions over
+  `INLINE_PREPARE_CHARS` (a few milliseconds below); a question far longer than the context is refused
+  before it is tokenized. A row that fails while its batch decodes ends alone.
 - POSTs need `Content-Type: application/json` (415): a cross-site page can only send JSON after a CORS
   preflight, which this server never grants. `Host` must be a loopback name or the bound address on the
   port the request came in on (403, against DNS rebinding), and a POST's `Origin`, when sent, must be the
@@ -80,6 +81,12 @@ API_KEY_ENV = "SELFBUDGETER_API_KEY"
 BACKENDS = ("transformers", "vllm")
 DEFAULT_BATCH_SIZE = 16  # transformers backend: generations decoded in one `generate` call
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+# Questions up to this many characters are prepared (chat template, tokenizer) on the event loop: 0.2-3 ms
+# with the embedded tokenizer. A thread hop for every request cost more than it saved: under a burst of 32
+# streams the budget chunk came after 0.41-0.44 s instead of 0.12-0.14 s (benchmarks/server_load.py, 2-core
+# CPU shared with a training job), as submits trickled in behind the decoding thread. Longer questions go to a worker thread, so the loop never
+# waits on the seconds a megabyte of text can take.
+INLINE_PREPARE_CHARS = 4096
 
 # reasoning_effort -> budget in tokens (None: the model states its own). Fixed numbers rather than fractions of
 # a "typical" budget: a typical budget is only known after serving traffic, and a preset must mean the same
@@ -845,7 +852,11 @@ def create_app(generator: Any, config: ServerConfig | None = None):
                            headers={"Retry-After": str(config.retry_after_seconds)})
         state.starting += 1
         try:
-            handle = await prepare(genlib.GenerationRequest(**params.generation_kwargs()))
+            generation = genlib.GenerationRequest(**params.generation_kwargs())
+            if len(params.question) <= INLINE_PREPARE_CHARS:
+                handle = generator.submit(generation)
+            else:
+                handle = await prepare(generation)
         except (UserError, ValueError) as err:
             raise _bad(str(err), "thinking_token_budget" if "budget" in str(err).lower() else None) from None
         finally:
