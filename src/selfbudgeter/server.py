@@ -84,8 +84,8 @@ WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 # Questions up to this many characters are prepared (chat template, tokenizer) on the event loop: 0.2-3 ms
 # with the embedded tokenizer. A thread hop for every request cost more than it saved: under a burst of 32
 # streams the budget chunk came after 0.41-0.44 s instead of 0.12-0.14 s (benchmarks/server_load.py, 2-core
-# CPU shared with a training job), as submits trickled in behind the decoding thread. Longer questions go to a worker thread, so the loop never
-# waits on the seconds a megabyte of text can take.
+# CPU shared with a training job), as submits trickled in behind the decoding thread. Longer questions go
+# to a worker thread, so the loop never waits on the seconds a megabyte of text can take.
 INLINE_PREPARE_CHARS = 4096
 
 # reasoning_effort -> budget in tokens (None: the model states its own). Fixed numbers rather than fractions of
