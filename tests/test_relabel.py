@@ -13,7 +13,7 @@ import torch
 from selfbudgeter import grpo
 from selfbudgeter.errors import UserError
 from selfbudgeter.format import render_prefill, render_response, token_length
-from selfbudgeter.relabel import relabel_batch, relabel_targets
+from selfbudgeter.relabel import relabel_batch, relabel_targets, strip_prefills
 from selfbudgeter.rewards import SelfBudgeterScorer
 
 SOLUTION = "1) 3+4=7\nSo the answer is \\boxed{7}."
@@ -37,6 +37,31 @@ def test_only_correct_well_formed_own_budgets_are_relabelled(scorer, embedded_to
                                                              {"answer": "7", "prefill_budget": float("nan")}]
     tag = render_prefill(length)
     assert relabel_targets(scorer, completions, rows) == [tag, None, None, None, tag]
+
+
+def test_prefilled_relabels_correct_user_budget_rollouts_as_whole_responses(scorer, embedded_tokenizer):
+    """With `prefilled`, a correct rollout under a user budget of 40 becomes its response under a budget equal
+    to its length (an example of following); wrong ones still teach nothing; own budgets keep their scope."""
+    length = token_length(embedded_tokenizer, SOLUTION)
+    completions = [SOLUTION + "</solution>", SOLUTION.replace("{7}", "{8}") + "</solution>", render_response(9, SOLUTION)]
+    rows = [{"answer": "7", "prefill_budget": 40}] * 2 + [{"answer": "7", "prefill_budget": None}]
+    assert relabel_targets(scorer, completions, rows, prefilled=True) == [
+        render_response(length, SOLUTION), None, render_prefill(length)]
+    assert relabel_targets(scorer, completions, rows) == [None, None, render_prefill(length)]
+
+
+def test_strip_prefills_removes_the_user_tag_and_keeps_prompts_right_aligned(embedded_tokenizer):
+    tok = embedded_tokenizer
+    plain = tok.encode("<|user|>a b\n<|assistant|>")
+    prompts = [plain + tok.encode(render_prefill(40)), plain]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    stripped, stripped_mask = strip_prefills(tok, ids, mask, [40, None])
+    assert stripped[0][stripped_mask[0].bool()].tolist() == plain
+    assert torch.equal(stripped[1], ids[1]) and torch.equal(stripped_mask[1], mask[1])
+    with pytest.raises(ValueError, match="does not end with"):
+        strip_prefills(tok, ids, mask, [41, None])
 
 
 def test_group_median_gives_each_prompt_one_budget(scorer, embedded_tokenizer):
@@ -107,8 +132,7 @@ def test_relabel_batch_of_whole_responses_trains_the_end_of_turn(embedded_tokeni
     tok = embedded_tokenizer
     prompt = tok.encode("<|user|>a\n<|assistant|>")
     target = render_response(12, SOLUTION)
-    batch = relabel_batch(tok, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), [target],
-                          end_turn=True)
+    batch = relabel_batch(tok, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), [target])
     trained = batch["relabel_labels"][0][batch["relabel_labels"][0] != -100].tolist()
     assert trained == tok.encode(target, add_special_tokens=False) + [tok.eos_token_id]
     assert batch["relabel_ids"][0, len(prompt):].tolist() == trained
@@ -122,15 +146,17 @@ def test_negative_or_nan_weight_is_a_user_error(bad):
         grpo.parse_args(["--config", "embedded/grpo", "--budget_relabel_weight", bad])
 
 
-@pytest.mark.parametrize("scope", ["tag", "response"])
-def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch, scope):
+@pytest.mark.parametrize("scope, prefilled", [("tag", False), ("response", False), ("tag", True)])
+def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch, scope, prefilled):
+    """With `prefilled`, the user's tag is stripped from TRL's own prompt ids (strip_prefills raises if they do
+    not end with its tokens), so the recipe's prefilled prompts exercise it."""
     import selfbudgeter.relabel as relabel
 
     # A random model never writes a correct closed solution; pretend every rollout did, with 9 tokens.
     target = render_prefill(9) if scope == "tag" else render_response(9, SOLUTION)
     seen = []
 
-    def targets(scorer, completions, rows, target_kind="own", scope="tag"):
+    def targets(scorer, completions, rows, target_kind="own", scope="tag", prefilled=False):
         seen.append(scope)
         return [target] * len(completions)
 
@@ -146,6 +172,7 @@ def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir
         "--output_dir", str(out), "--limit", "8", "--num_generations", "2", "--per_device_train_batch_size", "4",
         "--max_completion_length", "12", "--warmup_steps", "0", "--max_steps", "3", "--save_steps", "3",
         "--learning_rate", "1e-2", "--budget_relabel_weight", "1.0", "--budget_relabel_scope", scope,
+        "--budget_relabel_prefilled", str(prefilled).lower(), "--prefill_fraction", "0.5",
     ])  # fmt: skip
     grpo.run_grpo(stage, reward_cfg, config)
     assert seen and set(seen) == {scope}

@@ -98,6 +98,11 @@ class GRPOStageArgs:
         metadata={"help": "what relabelling trains: `tag` (the budget tag alone) or `response` (the relabelled "
                   "tag, the solution that followed it and the end of the turn)"},
     )
+    budget_relabel_prefilled: bool = field(
+        default=False,
+        metadata={"help": "also relabel correct rollouts under a user budget: each becomes its whole response "
+                  "under a budget of its own length, an example of following a budget (relabel.py)"},
+    )
 
     frozen_parameters: list[str] | None = field(
         default=None,
@@ -348,7 +353,7 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
                       None) or SelfBudgeterScorer(tokenizer, reward_cfg)
         trainer_class, extra = RelabelGRPOTrainer, {
             "scorer": scorer, "weight": stage.budget_relabel_weight, "target": stage.budget_relabel_target,
-            "scope": stage.budget_relabel_scope,
+            "scope": stage.budget_relabel_scope, "prefilled": stage.budget_relabel_prefilled,
         }
     trainer = trainer_class(
         model=source,

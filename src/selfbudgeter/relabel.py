@@ -27,6 +27,13 @@ solution that followed it and the end of the turn, as in hindsight experience re
 rewritten to the outcome reached and the policy is trained to reach it. Then the solution, too, learns from
 each example that a budget of l is followed by l tokens: where `tag` teaches the budget to predict the
 solution, `response` also teaches the solution to follow the budget.
+
+Rollouts under a user budget (`prefilled`, beyond both): by default they teach nothing here, since their
+budget was not the model's. With `prefilled`, each correct one is rewritten as the answer to the same
+question under a budget equal to its measured length: the prompt loses the user's tag and the whole response
+(tag, solution, end of turn) is trained. Every such rollout becomes an example of *following* a budget, on
+the policy's own solutions, whatever budget the user had asked for: hindsight relabelling of goals, as in
+hindsight experience replay.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .format import parse_response, render_prefill, render_response
+from .format import SOLUTION_CLOSE, parse_response, render_prefill, render_response
 from .rewards import SelfBudgeterScorer
 
 TARGETS = ("own", "group_median", "peak")
@@ -56,11 +63,12 @@ def peak_keep(alpha_end: float) -> float:
 
 
 def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows: Sequence[dict[str, Any]],
-                    target: str = "own", scope: str = "tag") -> list[str | None]:
+                    target: str = "own", scope: str = "tag", prefilled: bool = False) -> list[str | None]:
     """Per completion, its budget tag restated with a measured solution length (its own; with `group_median`
     the median over the relabelled completions of the same prompt; with `peak` its own over 1 - alpha_end),
     followed with scope `response` by its solution; None when it teaches nothing (a broken format, a wrong
-    answer, a budget the user prefilled)."""
+    answer, a budget the user prefilled unless `prefilled`). With `prefilled`, a correct user-budget rollout
+    becomes its whole response under a budget of its own length, whatever the target and scope."""
     if target not in TARGETS:
         raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
     if scope not in SCOPES:
@@ -70,10 +78,12 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
     prefills = [row.get("prefill_budget") for row in rows]
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
     lengths: list[int | None] = []
+    user: list[int | None] = []  # lengths of the correct user-budget rollouts that `prefilled` relabels
     for item, prefill in zip(scored, prefills):
-        own = prefill is None or prefill != prefill  # a NaN from a pandas column is "no prefill"
-        ok = own and item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget
-        lengths.append(item.length if ok else None)
+        own = not _has_prefill(prefill)
+        ok = item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget
+        lengths.append(item.length if ok and own else None)
+        user.append(item.length if ok and prefilled and not own else None)
     if target == "group_median":
         groups: dict[Any, list[int]] = defaultdict(list)
         for row, length in zip(rows, lengths):
@@ -83,20 +93,53 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
                    for row, n in zip(rows, lengths)]
     elif target == "peak":
         lengths = [None if n is None else min(scorer.cfg.max_budget, round(n / keep)) for n in lengths]
-    if scope == "tag":
-        return [None if n is None else render_prefill(n) for n in lengths]
-    # A length is set only where the scorer parsed the completion, with the same max_budget: this parse succeeds.
-    return [None if n is None else render_response(n, parse_response(text, scorer.cfg.max_budget).solution)
-            for text, n in zip(completions, lengths)]
+    out = []
+    # A length is set only where the scorer parsed the response, with the same max_budget: these parses succeed.
+    for text, n, u, prefill in zip(completions, lengths, user, prefills):
+        if u is not None:
+            out.append(render_response(u, parse_response(render_prefill(int(prefill)) + text,
+                                                         scorer.cfg.max_budget).solution))
+        elif n is None:
+            out.append(None)
+        elif scope == "tag":
+            out.append(render_prefill(n))
+        else:
+            out.append(render_response(n, parse_response(text, scorer.cfg.max_budget).solution))
+    return out
+
+
+def _has_prefill(value: Any) -> bool:
+    return value is not None and value == value  # a NaN from a pandas column is "no prefill"
+
+
+def strip_prefills(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   prefills: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts without the user budget tag that ends some of them (`render_prefill(b)`'s tokens),
+    shifted right so that every prompt still ends at the last column."""
+    ids, mask = prompt_ids.clone(), prompt_mask.clone()
+    pad = tokenizer.pad_token_id
+    for i, prefill in enumerate(prefills):
+        if not _has_prefill(prefill):
+            continue
+        tag = tokenizer.encode(render_prefill(int(prefill)), add_special_tokens=False)
+        k = len(tag)
+        if ids[i, -k:].tolist() != tag:
+            raise ValueError(f"prompt {i} does not end with the tokens of its prefill {render_prefill(int(prefill))!r}")
+        ids[i] = torch.cat([torch.full((k,), pad, dtype=ids.dtype, device=ids.device), prompt_ids[i, :-k]])
+        mask[i] = torch.cat([torch.zeros(k, dtype=mask.dtype, device=mask.device), prompt_mask[i, :-k]])
+    return ids, mask
 
 
 def relabel_batch(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  targets: Sequence[str | None], end_turn: bool = False) -> dict[str, torch.Tensor]:
-    """Left-padded prompts followed by each target's tokens (and the end-of-turn token with `end_turn`, for
-    targets that are whole responses): input ids, attention mask and labels (-100 everywhere but the
-    target's tokens; a row without a target is all -100)."""
-    end = [tokenizer.eos_token_id] if end_turn else []
-    tags = [tokenizer.encode(t, add_special_tokens=False) + end if t is not None else [] for t in targets]
+                  targets: Sequence[str | None]) -> dict[str, torch.Tensor]:
+    """Left-padded prompts followed by each target's tokens (and the end-of-turn token after a target that is a
+    whole response): input ids, attention mask and labels (-100 everywhere but the target's tokens; a row
+    without a target is all -100)."""
+    def ids(target: str) -> list[int]:
+        end = [tokenizer.eos_token_id] if target.endswith(SOLUTION_CLOSE) else []
+        return tokenizer.encode(target, add_special_tokens=False) + end
+
+    tags = [ids(t) if t is not None else [] for t in targets]
     width = max(1, max(len(tag) for tag in tags))
     batch, pad = prompt_ids.size(0), tokenizer.pad_token_id
     tag_ids = torch.full((batch, width), pad, dtype=prompt_ids.dtype)
@@ -118,22 +161,27 @@ class RelabelGRPOTrainer(GRPOTrainer):
     (or whole relabelled responses)."""
 
     def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, target: str = "own",
-                 scope: str = "tag", **kwargs: Any):
+                 scope: str = "tag", prefilled: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.budget_scorer = scorer
         self.relabel_weight = weight
         self.relabel_target = target
         self.relabel_scope = scope
+        self.relabel_prefilled = prefilled
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         ids = [row[mask.bool()] for row, mask in zip(output["completion_ids"], output["completion_mask"])]
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
-        targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target, self.relabel_scope)
+        targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target, self.relabel_scope,
+                                  self.relabel_prefilled)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["relabel/share"].append(sum(t is not None for t in targets) / max(1, len(targets)))
-        output.update(relabel_batch(self.processing_class, output["prompt_ids"], output["prompt_mask"], targets,
-                                    end_turn=self.relabel_scope == "response"))
+        prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
+        if self.relabel_prefilled:
+            prefills = [row.get("prefill_budget") for row in inputs]
+            prompt_ids, prompt_mask = strip_prefills(self.processing_class, prompt_ids, prompt_mask, prefills)
+        output.update(relabel_batch(self.processing_class, prompt_ids, prompt_mask, targets))
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
