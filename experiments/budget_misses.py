@@ -9,7 +9,7 @@ gives slope 0, and its budget can then only match the average filler. Prints, pe
 overall: responses, share within ±20% of the budget, misses under and over, mean budget, needed and filler
 tokens, and the filler~slack Pearson correlation and slope.
 
-    .venv/bin/python benchmarks/budget_misses.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
+    .venv/bin/python experiments/budget_misses.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
 """
 
 from __future__ import annotations

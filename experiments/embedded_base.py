@@ -7,7 +7,7 @@ each way, the share of answers whose last `\\boxed{}` is right; for the plain pr
 on 1-3-step questions against the minimal solution, and accuracy by how the first pass was written
 (one operation per line, or lines that combine several), which is what makes tokens buy accuracy.
 
-    .venv/bin/python benchmarks/embedded_base.py [--model DIR] [--split validation] [--n 400] [--out F.json]
+    .venv/bin/python experiments/embedded_base.py [--model DIR] [--split validation] [--n 400] [--out F.json]
 """
 
 from __future__ import annotations

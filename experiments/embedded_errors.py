@@ -6,7 +6,7 @@ one (the text inside the solution tags; a model without the budget format, such 
 with `task.first_error`: an operand copied from the wrong step of the question, a carried value, a sum, a
 missing step, or only the final answer. Prints accuracy and the error kinds per number of steps.
 
-    .venv/bin/python benchmarks/embedded_errors.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
+    .venv/bin/python experiments/embedded_errors.py runs/demo/eval/sft runs/demo/eval/selfbudgeter
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """GRPO variants on the embedded default: what the recipe's settings do to accuracy, length and adherence.
 
 Starts from a finished demo folder (its cold-start model, profile and base-model evaluation) and runs
-`selfbudgeter grpo` once per variant (the embedded recipe plus the variant's overrides, the demo's own
-flags `--profile_only true --solved_only true`), then `selfbudgeter eval` on the 400 test questions
-(user-budget control on 50 of them) with the demo's base evaluation as the compression baseline, and prints
-one table row per variant.
+`selfbudgeter grpo` once per variant (the embedded recipe, or the packaged recipe the variant names, plus
+the variant's overrides and the demo's own flags `--profile_only true --solved_only true`), then
+`selfbudgeter eval` on the 400 test questions (user-budget control on 50 of them) with the demo's base
+evaluation as the compression baseline, and prints one table row per variant. The variants read the
+shipped recipes, never the other way round.
 
-    .venv/bin/python benchmarks/grpo_variants.py --demo runs/demo [--out runs/grpo-variants] [--only NAME ...]
+    .venv/bin/python experiments/grpo_variants.py --demo runs/demo [--out runs/grpo-variants] [--only NAME ...]
 
 Each variant takes 4 to 12 minutes on a 2-core CPU (the long ones 20 to 35); finished variants (an eval
 folder with metrics.json) are skipped on a rerun, and those the demo ran itself (the recipe; the baselines
@@ -26,9 +27,6 @@ from pathlib import Path
 
 from selfbudgeter.report import environment
 
-# Settings of a run that goes on from a finished model at the final alpha: no schedule, no warmup.
-POLISH = ["--max_steps", "180", "--learning_rate", "2e-5", "--alpha_start", "0.1", "--alpha_end", "0.1",
-          "--warmup_steps", "0", "--temperature", "0.6"]
 # name -> (what it changes, overrides of embedded/grpo). "recipe" is the demo's own GRPO run, read from the demo.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "recipe": ("the embedded recipe as the demo ran it (see embedded/grpo.yaml)", []),
@@ -41,17 +39,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "wsd_decay25": ("learning rate 1e-4 cosine-decayed to 1e-5 over the last 25 steps",
                     ["--lr_scheduler_type", "warmup_stable_decay",
                      "--lr_scheduler_kwargs", '{"num_decay_steps": 25, "min_lr_ratio": 0.1}']),
-    "long_lr2.5e-5": ("4x the steps at a quarter of the learning rate (300 steps at 2.5e-5)",
-                      ["--learning_rate", "2.5e-5", "--max_steps", "300"]),
+    "long_lr2.5e-5": ("4x the steps at a quarter of the learning rate: 300 steps at 2.5e-5 (embedded/grpo_long)",
+                      ["--config", "embedded/grpo_long"]),
     "long_lr1.5e-5": ("6.7x the steps at 15% of the learning rate (500 steps at 1.5e-5)",
                       ["--learning_rate", "1.5e-5", "--max_steps", "500"]),
     "polish60": ("the recipe's 75 steps, then 60 more at the final alpha (0.1) and a tenth of the learning rate",
                  ["--max_steps", "135", "--alpha_steps", "75", "--lr_scheduler_type", "warmup_stable_decay",
                   "--lr_scheduler_kwargs", '{"num_stable_steps": 70, "num_decay_steps": 1, "min_lr_ratio": 0.1}']),
-    "long_polish_own": ("long_lr2.5e-5, then 180 steps at the final alpha (0.1), lr 2e-5, rollouts at T 0.6",
-                        POLISH),
-    "long_polish_peak": ("long_polish_own with relabelled budgets at the final reward's peak (relabel_peak)",
-                         [*POLISH, "--budget_relabel_target", "peak"]),
+    "long_polish_own": ("long_lr2.5e-5, then 180 steps at the final alpha (0.1), lr 2e-5, rollouts at T 0.6, "
+                        "budgets relabelled with their own length (embedded/grpo_polish with target own)",
+                        ["--config", "embedded/grpo_polish", "--budget_relabel_target", "own"]),
+    "long_polish_peak": ("long_polish_own with relabelled budgets at the final reward's peak (recipe "
+                         "embedded/grpo_polish)", ["--config", "embedded/grpo_polish"]),
     "relabel2": ("budget relabelling at twice the weight (2.0)", ["--budget_relabel_weight", "2"]),
     "relabel_median": ("relabelled budgets state the median length of their prompt's rollouts, not their own",
                        ["--budget_relabel_target", "group_median"]),

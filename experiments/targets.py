@@ -8,7 +8,7 @@ with a standard error of about 1 point, the size of the accuracy target's margin
 per question at each of `--seeds`, pools every response of each, and prints the four targets per seed and
 pooled: the measured value, the bound, met or not.
 
-    .venv/bin/python benchmarks/targets.py --base runs/demo/models/base \\
+    .venv/bin/python experiments/targets.py --base runs/demo/models/base \\
         --model runs/grpo-variants/long_polish_peak [--out runs/targets] [--seeds 0 1 2] [--samples 4]
 
 Evaluations go to OUT/{base,model}-NAME-samplesN-seedS (NAME: the model folder's name); finished ones (a

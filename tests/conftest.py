@@ -18,7 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def benchmark_script(name: str) -> ModuleType:
-    """`benchmarks/NAME.py` imported as module NAME (the scripts are not a package), once per session."""
+    """`benchmarks/NAME.py` (a tool users run, never an experiment) imported as module NAME, once per session."""
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
@@ -27,10 +27,17 @@ def benchmark_script(name: str) -> ModuleType:
     return sys.modules[name]
 
 
+SHARED_BENCHMARKS = ("gsm8k", "math500", "aime24", "aime25", "amc23")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.exists():
-        pytest.fail(f"benchmark data not found at {SHARED_DATA} (the shared/ folder must sit beside the repo)")
+    """The benchmark copies in ../shared/data. CI has them, so a missing copy fails every test that reads it
+    (never a skip: a green run means the real-data tests ran)."""
+    missing = [name for name in SHARED_BENCHMARKS if not (SHARED_DATA / name / "test.jsonl").is_file()]
+    if missing:
+        pytest.fail(f"benchmark copies {', '.join(missing)} not found in {SHARED_DATA} (the shared/ folder must "
+                    "sit beside the repository)", pytrace=False)
     return SHARED_DATA
 
 

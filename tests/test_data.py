@@ -33,15 +33,6 @@ from selfbudgeter.data import (  # noqa: E402
 from selfbudgeter.errors import UserError  # noqa: E402
 from selfbudgeter.grading import is_correct  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    path = REPO_ROOT.parent / "shared" / "data"
-    if not (path / "gsm8k" / "test.jsonl").is_file():
-        pytest.skip(f"benchmark copies not found at {path}")
-    return path
 
 
 @pytest.fixture(autouse=True)

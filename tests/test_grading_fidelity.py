@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import SHARED_DATA as DATA_DIR
 from conftest import benchmark_script
 from selfbudgeter.data import load_benchmark
 
 
 @pytest.mark.parametrize("name, rows", [("gsm8k", 1319), ("math500", 500)])
-def test_fidelity(name, rows):
-    if not (DATA_DIR / name / "test.jsonl").is_file():
-        pytest.skip(f"benchmark copies not found at {DATA_DIR}")
+def test_fidelity(shared_data, name, rows):
     fidelity = benchmark_script("grading_fidelity")
-    result = fidelity.run(name, load_benchmark(name, data_dir=DATA_DIR), seed=0)
+    result = fidelity.run(name, load_benchmark(name, data_dir=shared_data), seed=0)
     assert result.own_total == rows
     assert result.other_total >= 0.95 * rows  # only a few pairs share an answer
     assert result.own_rate >= fidelity.TARGET, result.exceptions
