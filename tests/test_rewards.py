@@ -435,4 +435,3 @@ def test_registry_entries_are_factories():
 def test_importing_rewards_does_not_import_torch():
     code = "import sys, selfbudgeter.rewards; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
-    assert rewards.__name__ == "selfbudgeter.rewards"
