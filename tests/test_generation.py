@@ -188,3 +188,28 @@ def test_vllm_path_passes_token_ids_seeds_and_reads_finish_reasons(tiny, prompts
     assert [[(s.text, s.n_tokens, s.finish_reason) for s in per] for per in samples][1] == [
         ("r1-0", 2, "stop"), ("r1-1", 3, "length")
     ]
+
+
+def test_dropping_finished_rows_changes_no_sample(tiny, prompts, monkeypatch):
+    """Rows that stopped leave the batch (`_decode` restarts `generate` on the others); samples stay the same."""
+    import selfbudgeter.generation as generation
+
+    model, tok = tiny
+    # A random model rarely ends a turn: let a tenth of the vocabulary end it, so rows stop at different steps.
+    monkeypatch.setattr(model.generation_config, "eos_token_id", list(range(1, len(tok), 10)))
+    kwargs = dict(n=8, max_new_tokens=20, batch_size=24, seed=5, progress=False)
+    monkeypatch.setattr(generation, "COMPACT_SHARE", None)
+    whole = generate(model, tok, prompts, **kwargs)
+    calls = []
+    original = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw["input_ids"].shape[0]) or original(**kw))
+    monkeypatch.setattr(generation, "COMPACT_SHARE", 0.25)
+    monkeypatch.setattr(generation, "COMPACT_MIN_ROWS", 2)
+    monkeypatch.setattr(generation, "COMPACT_MIN_TOKENS", 1)
+    compacted = generate(model, tok, prompts, **kwargs)
+    assert len(calls) > 1 and calls == sorted(calls, reverse=True) and calls[-1] < 24  # the batch shrank
+    assert [[(s.text, s.n_tokens, s.finish_reason) for s in per] for per in compacted] == [
+        [(s.text, s.n_tokens, s.finish_reason) for s in per] for per in whole
+    ]
+    reasons = {s.finish_reason for per in whole for s in per}
+    assert reasons == {"stop", "length"}

@@ -12,6 +12,7 @@ import os
 import sys
 
 from .errors import UserError
+from .runtime import tune_allocator
 
 # name -> (module, one-line help). The order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"selfbudgeter: unknown command {name!r}; choose from: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     module_name, _ = STAGES[name]
+    # Before any tensor is allocated: glibc's thresholds apply to the allocations that follow (runtime.py).
+    tune_allocator()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
