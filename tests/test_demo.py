@@ -81,3 +81,61 @@ def test_stage_failure_is_an_error(monkeypatch):
     monkeypatch.setattr(profile, "main", lambda argv: 3)
     with pytest.raises(RuntimeError, match="exited with 3"):
         demo._stage("profile", [])
+
+
+# --- the closing output: table and summary, from a hand-made metrics dict (keys may come and go) ---
+
+BASE = {"n": 400, "accuracy": 0.978, "mean_tokens": 165.2, "compression": 0.0, "within_20": None,
+        "length_budget_slope": None, "spearman_budget_difficulty": None, "control_slope": None,
+        "format_failure_rate": 1.0, "format_failures": {"missing_budget": {"count": 400, "examples": []}},
+        "baseline": "base"}
+SELFBUDGETER = {"n": 400, "accuracy": 0.970, "mean_tokens": 62.8, "compression": 0.62, "within_20": 0.961,
+                "length_budget_slope": 0.98, "spearman_budget_difficulty": 0.93, "control_slope": 0.97,
+                "format_failure_rate": 0.01, "format_failures": {"missing_close": {"count": 4, "examples": []}},
+                "baseline": "base", "control": [{"multiplier": m} for m in (1.0, 0.5, 2.0)]}
+
+
+def test_table_says_no_budget_for_the_base_model():
+    rows = demo._table({"base": BASE, "selfbudgeter": SELFBUDGETER}).splitlines()
+    base, trained = rows[1].split(), rows[2].split()
+    assert base[:4] == ["base", "0.978", "165.200", "0.000"]
+    assert " ".join(base[4:]) == " ".join(["no budget"] * len(demo.BUDGET_COLUMNS))
+    assert trained[-1] == "0.010"  # a budgeted model's format failures stay numbers
+    # A model that was asked for budgets and broke every format keeps its 1.000: that is a real failure.
+    broken = {**SELFBUDGETER, "format_failure_rate": 1.0, "format_failures": {"missing_close": {"count": 400}}}
+    assert demo._table({"broken": broken}).splitlines()[1].split()[-1] == "1.000"
+
+
+@pytest.mark.parametrize(
+    "metrics, expected, absent",
+    [
+        # every figure: accuracy kept, length as a share of the base's, budgets kept, difficulty, user control
+        ({"base": BASE, "selfbudgeter": SELFBUDGETER},
+         ["kept 99% of the base model's accuracy (97.0% against 97.8%, -0.8 points)", "at 38% of its length",
+          "96% of its answers landed within ±20% of the budget it stated", "Spearman 0.93",
+          "user budgets from 0.5x to 2x its own estimate were followed with slope 0.97", "165 tokens"], []),
+        # no control runs, no Spearman: those clauses are left out, not printed as None
+        ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": None, "control": [],
+                                         "spearman_budget_difficulty": None}},
+         ["kept 99%", "within ±20%"], ["slope", "Spearman", "None"]),
+        # keys renamed or missing: whatever is there is said
+        ({"base": {"accuracy": 0.9}, "selfbudgeter": {"accuracy": 0.85, "compression": 0.6}},
+         ["kept 94%", "at 40% of the base model's length"], ["None", "±20%"]),
+        ({"selfbudgeter": {"within_20": 0.5}}, ["50% of its answers landed within ±20%"], ["None"]),
+    ],
+)
+def test_summary_says_what_was_shown(tmp_path, metrics, expected, absent):
+    text = " ".join(demo.summary(metrics, tmp_path / "report").split())
+    for phrase in expected:
+        assert phrase in text
+    for phrase in absent:
+        assert phrase not in text
+    assert str(tmp_path / "report") in text
+
+
+def test_summary_names_the_plots(tmp_path):
+    (tmp_path / "length_distribution.png").write_bytes(b"")
+    (tmp_path / "user_budget_control.png").write_bytes(b"")
+    text = " ".join(demo.summary({"base": BASE, "selfbudgeter": SELFBUDGETER}, tmp_path).split())
+    assert f"The plots (length_distribution.png, user_budget_control.png) and the full report are in {tmp_path}/" \
+        in text

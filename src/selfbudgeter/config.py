@@ -18,7 +18,6 @@ Deviations from `TrlParser.parse_args_and_config`:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import difflib
 import os
 from pathlib import Path
@@ -222,14 +221,11 @@ def parse_config(
     return tuple(outputs[: len(types)])
 
 
+# The one rule for "nothing" in an optional text field, on the command line and in a recipe alike: YAML's own
+# null (`null`, `~`, or no value), Python's `None`, and `none`. Every stage applies it through `nullable`.
 NULLS = ("", "null", "None", "none", "~")
 
 
 def nullable(value: str | None) -> str | None:
-    """None for the spellings of "nothing" a command line can carry (`--system_prompt null`)."""
+    """None for the spellings of "nothing" (`NULLS`: `--system_prompt null`), else the value itself."""
     return None if value is None or value.strip() in NULLS else value
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A config dataclass as a JSON-ready dict (for metrics files and logs)."""
-    return dataclasses.asdict(cfg)

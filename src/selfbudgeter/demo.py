@@ -53,15 +53,17 @@ def _stage(name: str, argv: list[str]) -> None:
         raise RuntimeError(f"selfbudgeter {name} exited with {code}")
 
 
-def _copy_base(dest: Path, train: bool) -> None:
+def _copy_base(dest: Path, train: bool, source: Path | None = None) -> None:
     from .embedded import BASE_MODEL_DIR
 
     if train:
         _stage("train-base", ["--out", str(dest)])
         return
-    if not (BASE_MODEL_DIR / "model.safetensors").exists():
-        raise UserError(f"the shipped base model is missing at {BASE_MODEL_DIR}; run with --train-base")
-    shutil.copytree(BASE_MODEL_DIR, dest, dirs_exist_ok=True)
+    source = Path(source or BASE_MODEL_DIR)
+    if not (source / "model.safetensors").exists():
+        hint = "; run with --train-base" if source == BASE_MODEL_DIR else ""
+        raise UserError(f"no base model at {source}{hint}")
+    shutil.copytree(source, dest, dirs_exist_ok=True)
 
 
 def plan(args: argparse.Namespace) -> list[Step]:
@@ -90,7 +92,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
     steps = [
         Step("base", "base model (the shipped embedded model, or trained with --train-base)",
-             lambda: _copy_base(base, args.train_base)),
+             lambda: _copy_base(base, args.train_base, args.base)),
         Step("profile", "profile the base model on training questions (Stage 0)", lambda: _stage("profile", [
             "--config", "embedded/profile", "--model", str(base), "--out", str(out / "profile"),
             "--limit", str(args.profile_questions), *seed])),
@@ -181,6 +183,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~45 min) "
                         "instead of copying the shipped one")
+    parser.add_argument("--base", type=Path, default=None,
+                        help="start from this embedded base model folder instead of the shipped one")
     parser.add_argument("--long", action="store_true",
                         help="also train and evaluate the long run that meets all of GRPO's targets "
                         "(embedded/grpo_long then embedded/grpo_polish, ~40 min more)")
@@ -205,17 +209,99 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nreport: {report}\nmetrics: {args.out / 'report' / 'metrics.json'}")
     total = json.loads((args.out / "report" / "timings.json").read_text())["wall_seconds"]
     print(f"total wall time: {total / 60:.1f} min")
+    print("\n" + summary(metrics, args.out / "report"))
     return 0
 
 
+# Columns that only mean something for a model that writes budgets.
+BUDGET_COLUMNS = ("within_20", "length_budget_slope", "spearman_budget_difficulty", "control_slope",
+                  "format_failure_rate")
+
+
+def _never_budgets(entry: dict) -> bool:
+    """A model that was not asked for the budget format (the base): every response "missing_budget"."""
+    failures = entry.get("format_failures") or {}
+    return entry.get("format_failure_rate") == 1 and set(failures) <= {"missing_budget"}
+
+
 def _table(metrics: dict) -> str:
-    cols = ("accuracy", "mean_tokens", "compression", "within_20", "length_budget_slope",
-            "spearman_budget_difficulty", "control_slope", "format_failure_rate")
+    cols = ("accuracy", "mean_tokens", "compression", *BUDGET_COLUMNS)
     lines = ["model".ljust(18) + "".join(c[:12].rjust(13) for c in cols)]
     for name, entry in metrics.items():
         cells = []
         for c in cols:
             v = entry.get(c)
-            cells.append(("-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)).rjust(13))
+            if c in BUDGET_COLUMNS and _never_budgets(entry):
+                text = "no budget"
+            else:
+                text = "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+            cells.append(text.rjust(13))
         lines.append(name.ljust(18) + "".join(cells))
     return "\n".join(lines)
+
+
+def _number(entry: dict, key: str) -> float | None:
+    value = entry.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _describe(name: str, entry: dict, base: dict | None) -> str | None:
+    """One sentence on a budgeted model: accuracy and length against the base, budgets kept, user control."""
+    accuracy, tokens = _number(entry, "accuracy"), _number(entry, "mean_tokens")
+    base_accuracy = _number(base, "accuracy") if base else None
+    base_tokens = _number(base, "mean_tokens") if base else None
+    parts = []
+    if accuracy is not None and base_accuracy:
+        parts.append(f"kept {100 * accuracy / base_accuracy:.0f}% of the base model's accuracy ({100 * accuracy:.1f}% "
+                     f"against {100 * base_accuracy:.1f}%, {100 * (accuracy - base_accuracy):+.1f} points)")
+    elif accuracy is not None:
+        parts.append(f"answered {100 * accuracy:.1f}% correctly")
+    compression = _number(entry, "compression")
+    if tokens is not None and base_tokens:
+        parts.append(f"at {100 * tokens / base_tokens:.0f}% of its length ({tokens:.0f} against {base_tokens:.0f} "
+                     "tokens)")
+    elif compression is not None:
+        parts.append(f"at {100 * (1 - compression):.0f}% of the base model's length")
+    clauses = [f"{name} " + " ".join(parts)] if parts else []
+    within = _number(entry, "within_20")
+    if within is not None:
+        clauses.append(f"{100 * within:.0f}% of its answers landed within ±20% of the budget it stated")
+    spearman = _number(entry, "spearman_budget_difficulty")
+    if spearman is not None:
+        clauses.append(f"its budgets follow question difficulty with Spearman {spearman:.2f}")
+    slope = _number(entry, "control_slope")
+    if slope is not None:
+        rows = entry.get("control") if isinstance(entry.get("control"), list) else []
+        multipliers = sorted(r["multiplier"] for r in rows if isinstance(r, dict) and _number(r, "multiplier"))
+        span = f" from {multipliers[0]:g}x to {multipliers[-1]:g}x its own estimate" if multipliers else ""
+        clauses.append(f"user budgets{span} were followed with slope {slope:.2f} (1 is exact)")
+    if not clauses:
+        return None
+    if not parts:
+        clauses[0] = f"{name}: {clauses[0]}"
+    return "; ".join(clauses) + "."
+
+
+def summary(metrics: dict, report_dir: Path) -> str:
+    """The demo's closing paragraph: what the table showed, in words, and where the plots are."""
+    import textwrap
+
+    base_name = next((e.get("baseline") for e in metrics.values() if isinstance(e, dict) and e.get("baseline")),
+                     "base")
+    base = metrics.get(base_name) if isinstance(metrics.get(base_name), dict) else None
+    sentences = []
+    if base is not None and _never_budgets(base) and _number(base, "mean_tokens") is not None:
+        sentences.append(f"The base model, not asked for budgets, wrote {_number(base, 'mean_tokens'):.0f} tokens "
+                         "per answer on average.")
+    names = [n for n in ("selfbudgeter", LONG) if n in metrics] or [n for n in metrics if n != base_name]
+    for name in names:
+        entry = metrics[name]
+        described = _describe(name if name != "selfbudgeter" else "SelfBudgeter", entry, base) \
+            if isinstance(entry, dict) else None
+        if described:
+            sentences.append(described[0].upper() + described[1:])
+    plots = sorted(p.name for p in Path(report_dir).glob("*.png")) if Path(report_dir).is_dir() else []
+    where = f"The plots ({', '.join(plots)}) and the full report are in {report_dir}/ (report.md)." if plots else \
+        f"The full report is {Path(report_dir) / 'report.md'}."
+    sentences.append(where)
+    return textwrap.fill(" ".join(sentences), width=110, break_on_hyphens=False, break_long_words=False)

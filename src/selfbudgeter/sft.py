@@ -65,13 +65,6 @@ def parse_stage_config(types: tuple[type, ...], argv: Sequence[str] | None, prog
     return parse_config(types, list(argv or []) + _device_overrides(), prog, description)
 
 
-def make_parser():
-    """The TrlParser of this stage (its `--help` lists every option); `parse_args` is what `main` uses."""
-    from trl import SFTConfig, TrlParser
-
-    return TrlParser((SFTStageArgs, SFTConfig), prog=PROG, description=DESCRIPTION)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[SFTStageArgs, Any]:
     """(SFTStageArgs, trl.SFTConfig) from a recipe and overrides, e.g. `["--config", "embedded/sft"]`."""
     from trl import SFTConfig
