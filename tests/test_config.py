@@ -5,12 +5,13 @@ Run: `.venv/bin/python -m pytest -q tests/test_config.py` (no model; seconds).
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 
-from selfbudgeter.config import packaged_recipes, parse_config, resolve_recipe
+from selfbudgeter.config import NULLS, nullable, packaged_recipes, parse_config, resolve_recipe
 from selfbudgeter.errors import UserError
 
 
@@ -139,10 +140,8 @@ def test_packaged_recipes_resolve_by_name():
         resolve_recipe("/no/such/recipe.yaml")
 
 
-@pytest.mark.parametrize("module", ["profile", "sft_data", "evaluate"])
+@pytest.mark.parametrize("module", ["profile", "sft_data", "grpo", "evaluate"])
 def test_every_stage_recipe_and_help(module, capsys):
-    import importlib
-
     stage = importlib.import_module(f"selfbudgeter.{module}")
     with pytest.raises(SystemExit) as exit_:
         stage.main(["--help"])
@@ -159,3 +158,27 @@ def test_packaged_profile_and_eval_recipes_parse(recipe):
     config_type = ProfileConfig if recipe.endswith("/profile") else EvalConfig
     (cfg,) = parse_config((config_type,), ["--config", recipe], "stage", "")
     assert cfg.seed is not None and cfg.out
+
+
+# Every stage whose prompts carry a system prompt: its command name -> its module, whose parse_args reads argv.
+PROMPT_STAGES = {"profile": "profile", "build-sft": "sft_data", "grpo": "grpo", "eval": "evaluate"}
+
+
+def stage_options(stage: str, argv: list[str]):
+    options = importlib.import_module(f"selfbudgeter.{PROMPT_STAGES[stage]}").parse_args(argv)
+    return options[0] if isinstance(options, tuple) else options  # grpo: (its own, rewards, GRPOConfig)
+
+
+@pytest.mark.parametrize("stage", PROMPT_STAGES)
+@pytest.mark.parametrize("spelling", NULLS)
+def test_one_null_spelling_means_no_system_prompt_in_every_stage(stage, spelling, tmp_path):
+    assert stage_options(stage, ["--system_prompt", spelling]).system_prompt is None
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"system_prompt: {spelling or '~'}\n")  # a YAML null or the word, as a user writes it
+    assert stage_options(stage, ["--config", str(recipe)]).system_prompt is None
+    assert stage_options(stage, ["--system_prompt", "Be brief."]).system_prompt == "Be brief."
+
+
+def test_nullable_is_the_one_rule():
+    assert [nullable(v) for v in (None, *NULLS, " none ")] == [None] * (len(NULLS) + 2)
+    assert nullable("nothing") == "nothing"

@@ -160,12 +160,6 @@ def test_bad_options_are_user_errors(option, message):
         grpo.parse_args(["--config", "embedded/grpo", *option])
 
 
-@pytest.mark.parametrize("value", ["", "null", "None"])
-def test_system_prompt_none_from_the_command_line(value):
-    stage, _, _ = grpo.parse_args(["--config", "embedded/grpo", "--system_prompt", value])
-    assert stage.system_prompt is None
-
-
 @pytest.mark.parametrize("recipe", ["embedded/grpo", "embedded/grpo_accuracy", "embedded/grpo_kimi_length"])
 def test_embedded_recipes_share_their_training_numbers(recipe):
     from selfbudgeter.rewards import build_reward_funcs

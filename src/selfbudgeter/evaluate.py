@@ -567,7 +567,8 @@ def print_results(result: dict[str, Any], out: str) -> None:
     console.print(f"written to {out}/")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> EvalConfig:
+    """The stage's options from a recipe (`--config embedded/eval`) and `--field value` overrides."""
     from .config import parse_config
 
     (cfg,) = parse_config(
@@ -577,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Evaluate a model: accuracy, token length, budget adherence and user-budget control, scored "
         "exactly as training rewards them. Results go to items.jsonl and metrics.json (see `selfbudgeter report`).",
     )
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
     result = evaluate(cfg.model, cfg)
     print_results(result, cfg.out)
     return 0

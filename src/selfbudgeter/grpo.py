@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .config import nullable
 from .data import SYSTEM_PROMPT
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET
@@ -111,8 +112,9 @@ class GRPOStageArgs:
     )
 
     def __post_init__(self) -> None:
-        if self.system_prompt in ("", "null", "None"):  # what a command line can say for "none"
-            self.system_prompt = None
+        # `--system_prompt none` (or null, ~, empty) means no prompt, as in every stage (`config.nullable`).
+        self.system_prompt = nullable(self.system_prompt)
+        self.model, self.data_dir, self.profile = map(nullable, (self.model, self.data_dir, self.profile))
         if not 0.0 <= self.prefill_fraction <= 1.0:
             raise UserError(f"prefill_fraction must be in [0, 1], not {self.prefill_fraction}")
         if not 0.0 < self.prefill_min <= self.prefill_max:
@@ -141,13 +143,6 @@ class GRPOStageArgs:
             )
         if not (self.budget_relabel_weight >= 0 and math.isfinite(self.budget_relabel_weight)):
             raise UserError(f"budget_relabel_weight must be a number >= 0, not {self.budget_relabel_weight}")
-
-
-def make_parser():
-    """The TrlParser of this stage (its `--help` lists every option); `parse_args` is what `main` uses."""
-    from trl import GRPOConfig, TrlParser
-
-    return TrlParser((GRPOStageArgs, RewardConfig, GRPOConfig), prog=PROG, description=DESCRIPTION)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, RewardConfig, Any]:

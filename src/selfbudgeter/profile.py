@@ -365,7 +365,8 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     console.print(f"written to {out}/ (samples.jsonl, questions.jsonl, summary.json)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> ProfileConfig:
+    """The stage's options from a recipe (`--config embedded/profile`) and `--field value` overrides."""
     from .config import parse_config
 
     (cfg,) = parse_config(
@@ -375,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Stage 0: sample a model k times per question, grade each sample, record token lengths "
         "and b_max (median length of the correct samples). Resumable: rerun the same command after a stop.",
     )
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
     summary = profile(cfg)
     print_summary(summary, cfg.out)
     return 0

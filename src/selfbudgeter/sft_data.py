@@ -188,7 +188,8 @@ def build(cfg: SFTDataConfig, tokenizer: Any = None) -> dict[str, Any]:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None = None) -> SFTDataConfig:
+    """The stage's options from an optional recipe (`--config FILE`) and `--field value` overrides."""
     from .config import parse_config
 
     (cfg,) = parse_config(
@@ -198,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Stage 1a: turn a profile's correct responses into <budget>N</budget><solution>...</solution> "
         "SFT rows, N being the solution's token count.",
     )
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
     stats = build(cfg)
     b = stats["budget"]
     print(f"{stats['rows']} rows covering {stats['questions_covered']} of {stats['questions_profiled']} questions "
