@@ -10,6 +10,13 @@ def test_usage_lists_every_stage(capsys):
         assert f"  {name}" in out
 
 
+@pytest.mark.parametrize("name", cli.STAGES)
+def test_every_command_has_its_module_and_main(name):
+    import importlib
+
+    assert callable(importlib.import_module(cli.STAGES[name][0]).main)
+
+
 def test_unknown_command_is_one_line(capsys):
     assert cli.main(["trian"]) == 2
     err = capsys.readouterr().err

@@ -40,7 +40,9 @@ def test_shipped_base_model_answers_in_its_format():
 
     from selfbudgeter.data import prompt_text
 
-    model, tokenizer = embedded.load_base()
+    from selfbudgeter.models import load_model
+
+    model, tokenizer = load_model("embedded", device="cpu")
     row = task.load_split("test")[0]
     ids = tokenizer(prompt_text(tokenizer, row.question, system_prompt=None), return_tensors="pt",
                     add_special_tokens=False)

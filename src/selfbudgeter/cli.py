@@ -67,13 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _ = STAGES[name]
     # Before any tensor is allocated: glibc's thresholds apply to the allocations that follow (runtime.py).
     tune_allocator()
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        print(f"selfbudgeter {name}: this stage is not built yet", file=sys.stderr)
-        return 2
+    module = importlib.import_module(module_name)
     # Under a multi-process launch only rank 0 reports; the other ranks keep warnings and errors (stderr).
     quiet = _rank() != 0
     logging.basicConfig(

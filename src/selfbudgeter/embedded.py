@@ -214,13 +214,6 @@ def _train_round(model, tokenizer, cfg: BaseTrainConfig, r: int, work: Path) -> 
     trainer.train(resume_from_checkpoint=resume or None)
 
 
-def load_base(path: str | Path = BASE_MODEL_DIR):
-    """The shipped base model and its tokenizer, through the normal `from_pretrained` path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfbudgeter train-base",
