@@ -164,6 +164,70 @@ def test_embedded_rejects_unknown_split():
         load_benchmark("embedded", "dev")
 
 
+def test_a_task_of_ones_own_is_read_by_name_and_brings_its_measures(monkeypatch):
+    toy = types.ModuleType("toy_task")
+    toy.load_split = lambda split: [Row(f"toy-{split}-0", "1+1?", "2", source="toy")]
+    toy.line_tokens = lambda tokenizer, solution: len(solution.splitlines())
+    monkeypatch.setitem(sys.modules, "toy_task", toy)
+    monkeypatch.setattr(data, "TASKS", dict(data.TASKS))
+    data.register_task("toy", data.Task("toy_task", ("test",), {"line": "line_tokens"}))
+    assert [row.id for row in load_benchmark("toy", "test")] == ["toy-test-0"]
+    assert "toy" in data.known_names()
+    assert data.solution_measures("toy")["line"](None, "a\nb") == 2
+    assert data.solution_measures("gsm8k") == {} and data.solution_measures("my_file.jsonl") == {}
+    with pytest.raises(UserError, match="the toy task has splits test, not 'train'"):
+        load_benchmark("toy", "train")
+
+
+SRC = Path(selfbudgeter.__file__).resolve().parent
+
+
+def import_graph(src: Path = SRC) -> dict[str, set[str]]:
+    """Each module of the package -> the package's modules it imports anywhere (inside functions too)."""
+    import ast
+
+    modules = {}
+    for path in src.rglob("*.py"):
+        parts = ("selfbudgeter", *path.relative_to(src).with_suffix("").parts)
+        modules[".".join(parts).removesuffix(".__init__")] = (path, parts[:-1])  # (file, its package)
+    graph = {}
+    for name, (path, package) in modules.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = ".".join(package[: len(package) - node.level + 1]) if node.level else ""
+                target = ".".join(filter(None, (base, node.module)))
+                # `from . import metrics` imports the module metrics, not (only) the package's __init__.
+                submodules = {f"{target}.{alias.name}" for alias in node.names} & set(modules)
+                found |= submodules or {target}
+            elif isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+        graph[name] = found & set(modules) - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> tuple[str, ...] | None:
+    def walk(start: str, at: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        for nxt in sorted(graph[at]):
+            if nxt == start:
+                return (*path, start)
+            if nxt not in path and nxt > start:  # each cycle once, from its smallest module
+                found = walk(start, nxt, (*path, nxt))
+                if found:
+                    return found
+        return None
+
+    return next(filter(None, (walk(name, name, (name,)) for name in sorted(graph))), None)
+
+
+def test_the_package_has_no_import_cycle():
+    """Not even through an import inside a function: data.py reads the embedded task by name (`TASKS`)."""
+    graph = import_graph()
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert "selfbudgeter.task" not in graph["selfbudgeter.data"] and "selfbudgeter.data" in graph["selfbudgeter.task"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ("a", "b", "c", "a")
+
+
 # --- local files and folders --------------------------------------------------------------------------------
 
 GOOD = {"question": "What is 2+3?", "answer": "5"}

@@ -209,7 +209,7 @@ def test_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path, tiny_model_di
     assert other["n"] == 8
 
 
-def test_embedded_records_measure_their_filler(embedded_tokenizer):
+def test_records_carry_what_their_task_measures_the_embedded_filler(embedded_tokenizer):
     from selfbudgeter import task
 
     row = task.load_split("test")[0]
@@ -226,7 +226,26 @@ def test_embedded_records_measure_their_filler(embedded_tokenizer):
     assert broken["filler_tokens"] is None  # no budget tag: the solution cannot be isolated
     other = ev.score_record(embedded_tokenizer, dataclasses.replace(row, source="gsm8k"), solution, sample=0,
                             budgeted=False, max_budget=1000)
-    assert "filler_tokens" not in other
+    assert not [key for key in other if key.endswith("_tokens")]  # no task, no task measures
+
+
+def test_a_registered_task_adds_its_own_measure_without_a_branch(embedded_tokenizer, monkeypatch):
+    import sys
+    import types
+
+    from selfbudgeter import data
+
+    toy = types.ModuleType("toy_task")
+    toy.check_tokens = lambda tokenizer, solution: token_length(tokenizer, "".join(
+        line for line in solution.splitlines(keepends=True) if line.startswith("Check")))
+    monkeypatch.setitem(sys.modules, "toy_task", toy)
+    monkeypatch.setitem(data.TASKS, "toy", data.Task("toy_task", ("test",), {"check": "check_tokens"}))
+    row = data.Row("t", "Start with 1 cup. 1) gets 1. How many cups now?", "2", source="toy")
+    solution = "1) 1+1=2\nCheck 1) 1+1=2\nSo the answer is \\boxed{2}."
+    scored = ev.score_record(embedded_tokenizer, row, render_response(30, solution), sample=0, budgeted=True,
+                             max_budget=1000)
+    assert scored["check_tokens"] == token_length(embedded_tokenizer, "Check 1) 1+1=2\n")
+    assert "filler_tokens" not in scored
 
 
 # --- budget-following at decode time --------------------------------------------------------------------------

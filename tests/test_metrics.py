@@ -265,7 +265,7 @@ def test_importing_metrics_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
-def test_filler_share_counts_only_records_that_measured_it():
+def test_a_task_measured_part_counts_only_records_that_measured_it():
     records = [
         {**rec("a", 100, 100, True), "filler_tokens": 60},
         {**rec("b", 50, 50, True), "filler_tokens": 0},
@@ -275,7 +275,12 @@ def test_filler_share_counts_only_records_that_measured_it():
     summary = summarize(records)
     assert summary["mean_filler_tokens"] == 30
     assert summary["filler_share"] == pytest.approx(60 / 150)
-    assert summarize(MAIN)["filler_share"] is None and summarize(MAIN)["mean_filler_tokens"] is None
+    # Whatever part a task names gets the same two metrics; a dataset without a task has none.
+    steps = summarize([{**r, "steps_tokens": r["length"] // 2} for r in MAIN])
+    assert steps["steps_share"] == 0.5 and "filler_share" not in steps
+    assert not {key for key in summarize(MAIN) if key.endswith("_share")}
+    control = [{**rec("a", 100, 100, True, multiplier=1.0), "min_solution_tokens": 50}]
+    assert "mean_min_solution_tokens" not in summarize(control)
 
 
 # --- user control (METHOD.md, "User control, how we measure it") --------------------------------------------

@@ -10,11 +10,12 @@ small functions keyed by benchmark name; user files get their fields auto-detect
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -231,13 +232,58 @@ HUB_SOURCES: dict[str, HubSource] = {
     "amc23": HubSource("math-ai/amc23"),
 }
 
-EMBEDDED = "embedded"
-EMBEDDED_SPLITS = ("train", "validation", "test")
-KNOWN_NAMES = (*HUB_SOURCES, EMBEDDED)
 ON_ERROR = ("raise", "skip")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+# --- datasets that code makes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """A dataset that code makes rather than a file holds (the embedded task), named by its module.
+
+    The module is imported when the dataset is first read, never by this one at import time (a task imports
+    this module for `Row`, so the edge runs one way). It has `load_split(split) -> list[Row]`, whose rows carry
+    the task's name as `source`. `measures` maps a part of a solution to the name of one of its functions
+    `f(tokenizer, solution) -> tokens of that part`: evaluation records each as `<part>_tokens` and the metrics
+    summarise it, so a task adds metrics of its own without a branch on its name anywhere.
+    """
+
+    module: str
+    splits: tuple[str, ...]
+    measures: Mapping[str, str] = field(default_factory=dict)
+
+
+EMBEDDED = "embedded"
+TASKS: dict[str, Task] = {
+    EMBEDDED: Task("selfbudgeter.task", ("train", "validation", "test"), {"filler": "filler_tokens"}),
+}
+
+
+def register_task(name: str, task: Task) -> None:
+    """Make `load_benchmark(name, split)` read the dataset `task` makes (a task of one's own)."""
+    TASKS[name] = task
+
+
+def _task_module(name: str) -> Any:
+    return importlib.import_module(TASKS[name].module)
+
+
+def solution_measures(source: str) -> dict[str, Callable[[Any, str], int]]:
+    """part -> f(tokenizer, solution) of the task whose rows carry `source` (`Row.source`); {} for any other."""
+    task = TASKS.get(source)
+    if task is None or not task.measures:
+        return {}
+    module = _task_module(source)
+    return {part: getattr(module, function) for part, function in task.measures.items()}
+
+
+def known_names() -> tuple[str, ...]:
+    """The dataset names `load_benchmark` knows: the named benchmarks, then the tasks."""
+    return (*HUB_SOURCES, *TASKS)
 
 
 # --- loading -----------------------------------------------------------------------------------------------
@@ -342,12 +388,11 @@ def _load_named(name: str, split: str, data_dir: str | os.PathLike | None, on_er
     return _adapt_all(_dataset_records(dataset, hub.repo), adapter, name, f"{name}/{split}/", on_error)
 
 
-def _load_embedded(split: str) -> list[Row]:
-    if split not in EMBEDDED_SPLITS:
-        raise UserError(f"the embedded task has splits {', '.join(EMBEDDED_SPLITS)}, not {split!r}")
-    from . import task
-
-    return list(task.load_split(split))
+def _load_task(name: str, split: str) -> list[Row]:
+    splits = TASKS[name].splits
+    if split not in splits:
+        raise UserError(f"the {name} task has splits {', '.join(splits)}, not {split!r}")
+    return list(_task_module(name).load_split(split))
 
 
 def _load_path(path: Path, split: str, on_error: str) -> list[Row]:
@@ -387,7 +432,7 @@ def load_benchmark(
     on_error: str = "raise",
     limit: int | None = None,
 ) -> list[Row]:
-    """Rows of a named benchmark, the embedded task, a local file or folder, or a Hub dataset.
+    """Rows of a named benchmark, a task (`TASKS`: the embedded one), a local file or folder, or a Hub dataset.
 
     Named benchmarks (gsm8k, math500, aime24, aime25, amc23) are read from `<data_dir>/<name>/<split>.jsonl`
     when a data folder is given (argument, else `$SELFBUDGETER_DATA`), otherwise from the Hugging Face Hub.
@@ -401,8 +446,8 @@ def load_benchmark(
     path = Path(key).expanduser()
     if key in ADAPTERS and not path.exists():
         rows = _load_named(key, split, data_dir, on_error)
-    elif key == EMBEDDED:
-        rows = _load_embedded(split)
+    elif key in TASKS:
+        rows = _load_task(key, split)
     elif path.exists():
         rows = _load_path(path, split, on_error)
     elif _HUB_ID.fullmatch(key) and not key.endswith(_FILE_SUFFIXES):
@@ -411,7 +456,7 @@ def load_benchmark(
         rows = _adapt_all(_dataset_records(dataset, key), _adapt_generic, key, f"{key}/{split}/", on_error)
     else:
         raise UserError(
-            f"unknown dataset {key!r}: not a known name ({', '.join(KNOWN_NAMES)}), "
+            f"unknown dataset {key!r}: not a known name ({', '.join(known_names())}), "
             "an existing file or folder, or a Hugging Face Hub id (owner/name)"
         )
     if not rows:

@@ -51,7 +51,6 @@ from .config import nullable
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
 from .generator import DEFAULT_ANSWER_SUFFIX
-from .task import SOURCE as EMBEDDED_SOURCE
 
 logger = logging.getLogger(__name__)
 
@@ -195,27 +194,28 @@ def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budget
         record.update(budget=None, length=token_length(tokenizer, response.strip()), format_ok=False,
                       format_error="missing_budget", correct=bool(result.correct) and result.error is None,
                       grading_error=result.error, predicted=result.predicted)
-    if row.source == EMBEDDED_SOURCE:
-        record["filler_tokens"] = filler_tokens(tokenizer, response, budgeted=budgeted, format_ok=record["format_ok"],
-                                                max_budget=max_budget)
+    record.update(task_measures(tokenizer, row, response, budgeted=budgeted, max_budget=max_budget))
     return record
 
 
-def filler_tokens(tokenizer: Any, response: str, *, budgeted: bool, format_ok: bool,
-                  max_budget: int | None = None) -> int | None:
-    """Tokens of the solution's filler lines (`task.split_filler`: re-checks and phrases a correct solution
-    does not need), for the embedded task; None when a budgeted response's solution cannot be isolated."""
-    from .format import FormatError, parse_response
-    from .task import filler_tokens as solution_filler_tokens
+def task_measures(tokenizer: Any, row: Any, response: str, *, budgeted: bool,
+                  max_budget: int | None = None) -> dict[str, int | None]:
+    """`<part>_tokens` of the solution for each part the row's task measures (`data.Task.measures`: the
+    embedded task's filler); {} for other datasets. The solution is the whole response when it was not asked
+    for the format; a budgeted response whose solution cannot be isolated measures None."""
+    from .data import solution_measures
+    from .format import FormatError, try_parse
 
-    if not budgeted:
-        return solution_filler_tokens(tokenizer, response.strip())
-    if not format_ok:
-        return None
-    try:
-        return solution_filler_tokens(tokenizer, parse_response(response, max_budget=max_budget).solution)
-    except FormatError:
-        return None
+    measures = solution_measures(row.source)
+    if not measures:
+        return {}
+    if budgeted:
+        parsed = try_parse(response, max_budget)
+        solution = None if isinstance(parsed, FormatError) else parsed.solution
+    else:
+        solution = response.strip()
+    return {f"{part}_tokens": None if solution is None else measure(tokenizer, solution)
+            for part, measure in measures.items()}
 
 
 def min_solution_tokens(tokenizer: Any, row: Any) -> int | None:

@@ -9,8 +9,9 @@ Record schema:
     "model" when the model wrote the response alone, else the decode-time budget option that shaped it:
     "cap", "extend", "cap_extend"; missing means "model"), forced (bool: the decoder changed the
     response), on control records min_solution_tokens (int | None: tokens of the question's reference
-    solution, the least a correct answer needs; None when the dataset has none), and on the embedded
-    task filler_tokens (int | None: tokens of the solution's filler lines, `task.split_filler`)
+    solution, the least a correct answer needs; None when the dataset has none), and on a task's records
+    `<part>_tokens` for each part of the solution the task measures (int | None: `data.Task.measures`; the
+    embedded task's filler_tokens, tokens of the solution's filler lines)
 
 Records with a `control_multiplier` come from user-budget control runs (the budget was prefilled at a
 multiple of the model's own estimate); they feed only the `control*` metrics. Everything else is computed
@@ -278,13 +279,33 @@ def control_curve(records: Iterable[Record], decoded_by: str = MODEL) -> list[di
 CONTROL_ACCURACY_KEYS = ("multiplier", "accuracy", "accuracy_hard", "mean_length", "within_20")
 
 
-def filler(records: Sequence[Record]) -> tuple[float | None, float | None]:
-    """(mean filler tokens, filler share of all solution tokens) over records that measured their filler."""
-    rows = [r for r in records if r.get("filler_tokens") is not None]
+PART_SUFFIX = "_tokens"
+# Record keys that end in PART_SUFFIX without being a part a task measured.
+NOT_PARTS = ("min_solution_tokens",)
+
+
+def solution_parts(records: Iterable[Record]) -> list[str]:
+    """The parts of the solution that the records' task measured (`<part>_tokens`: the embedded task's filler)."""
+    return sorted({key[: -len(PART_SUFFIX)] for r in records for key in r
+                   if key.endswith(PART_SUFFIX) and key not in NOT_PARTS})
+
+
+def part_share(records: Sequence[Record], part: str) -> tuple[float | None, float | None]:
+    """(mean tokens of the part, its share of all solution tokens) over the records that measured it."""
+    key = f"{part}{PART_SUFFIX}"
+    rows = [r for r in records if r.get(key) is not None]
     if not rows:
         return None, None
     total = sum(r["length"] for r in rows)
-    return _mean([r["filler_tokens"] for r in rows]), (sum(r["filler_tokens"] for r in rows) / total if total else None)
+    return _mean([r[key] for r in rows]), (sum(r[key] for r in rows) / total if total else None)
+
+
+def part_metrics(records: Sequence[Record]) -> dict[str, float | None]:
+    """`mean_<part>_tokens` and `<part>_share` of every part the records' task measured (none: {})."""
+    out: dict[str, float | None] = {}
+    for part in solution_parts(records):
+        out[f"mean_{part}{PART_SUFFIX}"], out[f"{part}_share"] = part_share(records, part)
+    return out
 
 
 def format_failures(records: Sequence[Record], examples: int = FAILURE_EXAMPLES) -> dict[str, Any]:
@@ -308,7 +329,6 @@ def _summary(records: Sequence[Record], baseline_mean_tokens: float | None, deco
     """The metrics of the records one decoder made (see the module docstring)."""
     main = main_records(records, decoded_by)
     mean_tokens = mean_length(main)
-    mean_filler, filler_share = filler(main)
     curve = control_curve(records, decoded_by)
     return {
         "n": len(main),
@@ -323,8 +343,7 @@ def _summary(records: Sequence[Record], baseline_mean_tokens: float | None, deco
         "control_within_20": control_within(records, decoded_by),
         "control": curve,
         "control_accuracy": [{key: row[key] for key in CONTROL_ACCURACY_KEYS} for row in curve],
-        "mean_filler_tokens": mean_filler,
-        "filler_share": filler_share,
+        **part_metrics(main),
         "format_failure_rate": _mean([not r.get("format_ok") for r in main]),
         "format_failures": format_failures(main),
     }
