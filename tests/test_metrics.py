@@ -254,14 +254,38 @@ def test_spearman_budget_difficulty(pairs, expected):
     assert result == (None if expected is None else pytest.approx(expected))
 
 
+@pytest.mark.parametrize(
+    "length, budget, tolerance, inside",
+    [
+        (100, 100, 0.2, True),
+        (120, 100, 0.2, True),  # the boundaries are inside
+        (80, 100, 0.2, True),
+        (121, 100, 0.2, False),
+        (79, 100, 0.2, False),
+        (12, 10, 0.2, True),
+        (7, 5, 0.2, False),
+        (110, 100, 0.1, True),
+        (111, 100, 0.1, False),
+        (150, 100, 0.5, True),
+    ],
+)
+def test_within_tolerance_is_the_one_test_of_keeping_a_budget(length, budget, tolerance, inside):
+    assert metrics.within_tolerance(length, budget, tolerance) is inside
+    control = {"format_ok": True, "length": length, "prefill_budget": budget, "control_multiplier": 1.0}
+    if tolerance == metrics.TOLERANCE:
+        assert metrics.met_budget(control) is inside
+        assert metrics.within([rec("q", budget, length)], 100 * tolerance) == float(inside)
+
+
 def test_within_counts_the_boundary_in():
     records = [rec("a", 100, 110), rec("b", 100, 90), rec("c", 100, 111), rec("d", 10, 8)]
     assert metrics.within(records, 10) == pytest.approx(2 / 4)
     assert metrics.within(records, 20) == pytest.approx(4 / 4)
 
 
-def test_importing_metrics_does_not_import_torch():
-    code = "import sys, selfbudgeter.metrics; sys.exit('torch' in sys.modules)"
+def test_importing_metrics_does_not_import_torch_or_scipy():
+    # Light enough for the reward's training logs to call `within_tolerance`.
+    code = "import sys, selfbudgeter.metrics; sys.exit('torch' in sys.modules or 'scipy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

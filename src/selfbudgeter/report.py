@@ -419,7 +419,8 @@ def plot_budget_vs_length(
     log = _wide(values)
     low, high = (max(min(values), 1) if log else 0), max(values) * 1.05
     line = np.geomspace(low, high, 100) if log else np.linspace(low, high, 100)
-    ax.fill_between(line, 0.8 * line, 1.2 * line, color="grey", alpha=0.2, label="within ±20%")
+    band = metrics.TOLERANCE
+    ax.fill_between(line, (1 - band) * line, (1 + band) * line, color="grey", alpha=0.2, label=f"within ±{band:.0%}")
     ax.plot(line, line, "k--", linewidth=1, label="length = budget")
     for name, rows in budgeted.items():
         shown = _subsample(rows)
