@@ -400,6 +400,28 @@ def test_read_jsonl_errors(tmp_path):
         read_jsonl(path)
 
 
+@pytest.mark.parametrize(
+    "text, torn_end, expected",
+    [
+        ('{"a": 1}\n{"a": 2}\n', False, [1, 2]),
+        ('{"a": 1}\n\n{"a": 2}', False, [1, 2]),  # a whole last line needs no newline
+        ('{"a": 1}\n{"a": 2}\n{"a"', True, [1, 2]),  # a writer killed mid-line
+        ('{"a": 1}\n{"a"', False, r"2: invalid JSON"),
+        ('{"a": 1}\n{"a"\n{"a": 3}\n', True, r"2: invalid JSON"),  # torn in the middle is never dropped
+        ('{"a": 1}\n{"a"\n', True, r"2: invalid JSON"),  # a line that ended is not torn
+        ('{"a": 1}\n[1]\n', False, "expected a JSON object"),
+    ],
+)
+def test_read_jsonl_drops_only_a_torn_end_when_asked(tmp_path, text, torn_end, expected):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text, encoding="utf-8")
+    if isinstance(expected, str):
+        with pytest.raises(UserError, match=expected):
+            read_jsonl(path, torn_end=torn_end)
+    else:
+        assert [r["a"] for r in read_jsonl(path, torn_end=torn_end)] == expected
+
+
 # --- prompts ------------------------------------------------------------------------------------------------
 
 PLAIN_TEMPLATE = (

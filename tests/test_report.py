@@ -203,7 +203,7 @@ def test_main_writes_the_report(runs, tmp_path, capsys):
         (["--run", "a={base}", "--run", "a={base}"], "twice"),
         (["--run", "a={missing}"], "not a folder"),
         (["--run", "a={empty}"], "items.jsonl"),
-        (["--run", "a={bad}"], "not valid JSON"),
+        (["--run", "a={bad}"], r"items\.jsonl:2: invalid JSON"),
     ],
 )
 def test_bad_input_is_a_user_error(runs, tmp_path, argv, message):

@@ -80,26 +80,30 @@ def _check_row(row: Row) -> None:
 # --- JSONL -------------------------------------------------------------------------------------------------
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed object or the JSONDecodeError) for every non-blank line."""
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, bool]]:
+    """(line number, parsed object or the JSONDecodeError, whether the line ended) for every non-blank line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(line), line.endswith("\n")
             except json.JSONDecodeError as err:
-                yield number, err
+                yield number, err, line.endswith("\n")
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every record of a JSONL file (blank lines ignored). Invalid JSON is a UserError naming the line."""
+def read_jsonl(path: str | os.PathLike, *, torn_end: bool = False) -> list[dict]:
+    """Every record of a JSONL file (blank lines ignored): the one JSONL reader. Invalid JSON is a UserError
+    naming the line; with `torn_end`, an unfinished last line (a writer killed mid-line) is dropped instead."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     records = []
-    for number, record in _iter_jsonl(path):
+    for number, record, ended in _iter_jsonl(path):
         if isinstance(record, json.JSONDecodeError):
+            if torn_end and not ended:  # only the last line can lack its newline
+                logger.warning("%s: dropping a torn last line", path)
+                continue
             raise UserError(f"{path}:{number}: invalid JSON ({record.msg})")
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
@@ -317,7 +321,7 @@ def _adapt_all(
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    for number, record in _iter_jsonl(path):
+    for number, record, _ in _iter_jsonl(path):
         yield f"{path}:{number}", record
 
 

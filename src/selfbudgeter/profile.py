@@ -195,21 +195,14 @@ def read_finished(path: Path, k: int) -> list[dict[str, Any]]:
 
     A torn last line (a killed writer) and the rows of a half-written question are dropped.
     """
+    from .data import read_jsonl, write_jsonl
+
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):  # the last line, never finished
-                logger.warning("%s: dropping a torn last line", path)
-                continue
-            raise UserError(f"{path}:{number}: invalid JSON in the middle of the file; delete it to start over")
+    try:
+        rows = read_jsonl(path, torn_end=True)
+    except UserError as err:
+        raise UserError(f"{err}; delete the file to start over") from None
     by_id: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
         by_id.setdefault(row["id"], {})[row["sample"]] = row
@@ -218,12 +211,19 @@ def read_finished(path: Path, k: int) -> list[dict[str, Any]]:
     # Keep one row per (id, sample) in case an earlier run died between two appends of the same chunk.
     unique = {(row["id"], row["sample"]): row for row in kept}
     kept = [unique[key] for key in dict.fromkeys((row["id"], row["sample"]) for row in kept)]
-    if len(kept) != len(rows) or not text.endswith("\n") and text:
-        from .data import write_jsonl
-
+    if len(kept) != len(rows) or not _ends_with_newline(path):
         write_jsonl(path, kept)
         logger.info("%s: kept %d rows of %d finished questions", path, len(kept), len(complete))
     return kept
+
+
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file is empty or ends with a whole line (a torn last line does not)."""
+    with open(path, "rb") as fh:
+        if fh.seek(0, os.SEEK_END) == 0:
+            return True
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 def append_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:

@@ -65,18 +65,12 @@ MAX_SCATTER_POINTS = 3000
 
 def load_records(run_dir: Path) -> Records:
     """The records of one evaluation folder's `items.jsonl`."""
+    from .data import read_jsonl
+
     path = Path(run_dir) / "items.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: is {run_dir} an evaluation folder?")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number} is not valid JSON: {err}") from err
+    records = read_jsonl(path)
     for number, record in enumerate(records, 1):
         missing = [key for key in ("length", "format_ok", "correct") if key not in record]
         if missing:
