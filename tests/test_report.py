@@ -234,3 +234,29 @@ def test_tiny_runs_still_draw(tmp_path):
     for name in PLOTS.values():
         png_size(tmp_path / "out" / name)  # a PNG, or the assertion inside fails
         assert f"({name})" in text, name
+
+
+def test_one_table_builder_serves_the_report_eval_and_the_profile(capsys):
+    from selfbudgeter import metrics
+    from selfbudgeter.evaluate import print_results
+    from selfbudgeter.profile import print_summary
+
+    summaries = {"base": metrics.summarize(synthetic_records("plain")),
+                 "selfbudgeter": metrics.summarize(synthetic_records("budgeted"))}
+    rows = report.table_rows(summaries)
+    assert rows[1][-1] == "no budgets" and report.never_budgets(summaries["base"])
+    assert not report.never_budgets(summaries["selfbudgeter"])
+    assert report.markdown_table(rows)[2] == "| " + " | ".join(rows[1]) + " |"
+    report.print_table(rows, "a title", "a note")
+    printed = capsys.readouterr().out
+    assert all(cell in printed for row in rows for cell in row) and "a title" in printed and "a note" in printed
+
+    print_results({**summaries["selfbudgeter"], "dataset": "embedded", "model": "m"}, "runs/eval")
+    printed = capsys.readouterr().out
+    assert all(cell in printed for cell in ["dataset", *rows[2][1:]]) and "written to runs/eval/" in printed
+
+    block = {"questions": 2, "accuracy": 0.5, "solved": 1.0, "mean_tokens": 40.0, "median_b_max": 30.0,
+             "truncated": 0.0}
+    print_summary({**block, "by_difficulty": {"1": block}, "model": "m", "dataset": "d"}, "runs/profile")
+    printed = capsys.readouterr().out
+    assert "profile of m on d" in printed and "50.0%" in printed and "written to runs/profile/" in printed

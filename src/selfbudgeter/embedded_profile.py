@@ -69,6 +69,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .models import load_tokenizer
     from .profile import main as profile_main
+    from .report import print_table
 
     args = make_parser().parse_args(argv)
     code = profile_main(["--config", "embedded/profile", "--model", args.model, "--split", "test", "--limit", "400",
@@ -78,15 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         return code
     result = inspect(read_jsonl(args.out / "samples.jsonl"), load_tokenizer(args.model))
     (args.out / "inspect.json").write_text(json.dumps(result, indent=2))
-    head = f"{'steps':>5} {'n':>4} {'accuracy':>9} {'mean':>6} {'median':>7} {'minimal':>8} {'filler':>7} {'share':>6}"
-    print(head)
-    rows = list(result["by_difficulty"].items()) + [("all", result["overall"])]
-    for level, f in rows:
-        print(f"{level!s:>5} {f['n']:>4} {f['accuracy']:>9.1%} {f['mean_tokens']:>6.1f} {f['median_tokens']:>7} "
-              f"{f['minimal_tokens']:>8.1f} {f['filler_tokens']:>7.1f} {f['filler_share']:>6.1%}")
+    rows = [["steps", "n", "accuracy", "mean", "median", "minimal", "filler", "share"]]
+    for level, f in [*result["by_difficulty"].items(), ("all", result["overall"])]:
+        rows.append([str(level), str(f["n"]), f"{f['accuracy']:.1%}", f"{f['mean_tokens']:.1f}",
+                     f"{f['median_tokens']:g}", f"{f['minimal_tokens']:.1f}", f"{f['filler_tokens']:.1f}",
+                     f"{f['filler_share']:.1%}"])
     o = result["overall"]
-    print(f"mean length / minimal correct solution: {o['length_over_minimal']:.2f}x")
-    print(f"Spearman with difficulty: filler tokens {o['spearman_filler_difficulty']:+.2f}, "
-          f"needed tokens {o['spearman_needed_difficulty']:+.2f}")
-    print(f"written to {args.out / 'inspect.json'}")
+    print_table(rows, f"the base model {args.model} on the embedded test split",
+                f"mean length / minimal correct solution: {o['length_over_minimal']:.2f}x",
+                f"Spearman with difficulty: filler tokens {o['spearman_filler_difficulty']:+.2f}, "
+                f"needed tokens {o['spearman_needed_difficulty']:+.2f}",
+                f"written to {args.out / 'inspect.json'}")
     return 0

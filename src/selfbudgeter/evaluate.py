@@ -546,25 +546,13 @@ def evaluate(model_or_path: Any, cfg: EvalConfig, tokenizer: Any = None) -> dict
 
 
 def print_results(result: dict[str, Any], out: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .report import table_rows
+    from .report import print_table, table_rows
 
     runs = dict(result.get("benchmarks") or {result["dataset"]: result})
     if "average" in result:
         runs["average"] = result["average"]
     header, *body = table_rows(runs)
-    table = Table(title=f"evaluation of {result['model']}")
-    for title in ["dataset", *header[1:]]:
-        table.add_column(title, justify="left" if title == "dataset" else "right")
-    for row in body:
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log: the whole table, not 80 columns of it
-        console = Console(width=160)
-    console.print(table)
-    console.print(f"written to {out}/")
+    print_table([["dataset", *header[1:]], *body], f"evaluation of {result['model']}", f"written to {out}/")
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:

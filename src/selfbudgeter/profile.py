@@ -344,8 +344,7 @@ def profile(cfg: ProfileConfig, model: Any = None, tokenizer: Any = None) -> dic
 
 
 def print_summary(summary: dict[str, Any], out: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .report import print_table
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
@@ -353,16 +352,13 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
     def num(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    table = Table(title=f"profile of {summary['model']} on {summary['dataset']}")
-    for title in ("difficulty", "questions", "accuracy", "solved", "mean tok", "b_max", "cut"):
-        table.add_column(title, justify="right")
+    rows = [["difficulty", "questions", "accuracy", "solved", "mean tok", "b_max", "cut"]]
     for name, block in [*summary["by_difficulty"].items(), ("all", summary)]:
-        table.add_row(name, str(block["questions"]), pct(block["accuracy"]), pct(block["solved"]),
-                      num(block["mean_tokens"]), num(block["median_b_max"]), pct(block["truncated"]))
-    console = Console()
-    console.print(table)
-    console.print("solved: questions with a correct sample; b_max: median over questions; cut: samples at the cap")
-    console.print(f"written to {out}/ (samples.jsonl, questions.jsonl, summary.json)")
+        rows.append([name, str(block["questions"]), pct(block["accuracy"]), pct(block["solved"]),
+                     num(block["mean_tokens"]), num(block["median_b_max"]), pct(block["truncated"])])
+    print_table(rows, f"profile of {summary['model']} on {summary['dataset']}",
+                "solved: questions with a correct sample; b_max: median over questions; cut: samples at the cap",
+                f"written to {out}/ (samples.jsonl, questions.jsonl, summary.json)")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ProfileConfig:

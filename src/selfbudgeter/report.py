@@ -196,7 +196,7 @@ def table_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
         parts += [(decoder_label(name, decoder), part) for decoder, part in (summary.get("decoders") or {}).items()]
         for label, part in parts:
             row = [label] + [_cell(key, part.get(key)) for _, key in COLUMNS[1:]]
-            if _never_budgets(part):
+            if never_budgets(part):
                 row[-1] = "no budgets"  # a base or baseline model is not asked to write the format
             rows.append(row)
     return rows
@@ -218,17 +218,39 @@ def control_tables(summaries: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str
     return out
 
 
-def _never_budgets(summary: Mapping[str, Any]) -> bool:
+def never_budgets(summary: Mapping[str, Any]) -> bool:
+    """A model that was not asked for the budget format (a base model): every response "missing_budget"."""
     failures = summary.get("format_failures") or {}
     return summary.get("n", 0) > 0 and list(failures) == ["missing_budget"] and summary.get("format_failure_rate") == 1
 
 
-def _markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+def markdown_table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Table rows (a header, then the body) as Markdown lines: names left, numbers right."""
     header, *body = rows
-    align = ["---"] + ["---:"] * (len(header) - 1)  # names left, numbers right
+    align = ["---"] + ["---:"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
     return lines
+
+
+def print_table(rows: Sequence[Sequence[str]], title: str, *notes: str) -> None:
+    """Table rows (a header, then the body) on the console, names left and numbers right, then `notes`."""
+    from rich.console import Console
+    from rich.table import Table
+
+    header, *body = rows
+    table = Table(title=title)
+    table.add_column(header[0], no_wrap=True, min_width=max(len(row[0]) for row in rows))
+    for column in header[1:]:
+        table.add_column(column, justify="right")
+    for row in body:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log file: the whole table rather than 80 columns of it
+        console = Console(width=200)
+    console.print(table)
+    for note in notes:
+        console.print(note)
 
 
 def _mean_forced(rows: Sequence[Mapping[str, Any]]) -> float | None:
@@ -252,7 +274,7 @@ def render_markdown(summaries: Mapping[str, Mapping[str, Any]], plots: Mapping[s
         "questions, apart from the model alone.",
         "",
     ]
-    lines += _markdown_table(table_rows(summaries))
+    lines += markdown_table(table_rows(summaries))
     lines.append("")
     controlled = control_tables(summaries)
     if controlled:
@@ -269,7 +291,7 @@ def render_markdown(summaries: Mapping[str, Mapping[str, Any]], plots: Mapping[s
             forced = _mean_forced(part["control"])
             rows.append([decoder_label(name, decoder), _cell("control_slope", part.get("control_slope")),
                          _cell("within_20", part.get("control_within_20")), _cell("within_20", forced)])
-        lines += _markdown_table(rows) + [""]
+        lines += markdown_table(rows) + [""]
         header = ["model", "multiplier", "mean budget", "mean length", "length / own estimate", "within ±20%",
                   "accuracy", "accuracy (hardest third)"]
         rows = [header]
@@ -287,7 +309,7 @@ def render_markdown(summaries: Mapping[str, Mapping[str, Any]], plots: Mapping[s
                         _cell("accuracy", row.get("accuracy_hard")),
                     ]
                 )
-        lines += _markdown_table(rows) + [""]
+        lines += markdown_table(rows) + [""]
     lines += ["## Plots", ""]
     for key, path in plots.items():
         lines += [f"![{key}]({path.name})", "", f"*{CAPTIONS[key]}*", ""]
@@ -668,24 +690,6 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_table(summaries: Mapping[str, Mapping[str, Any]], out_dir: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    header, *body = table_rows(summaries)
-    table = Table(title="SelfBudgeter evaluation")
-    table.add_column(header[0], no_wrap=True, min_width=max(len(row[0]) for row in [header, *body]))
-    for title in header[1:]:
-        table.add_column(title, justify="right")
-    for row in body:
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # a pipe or a log file: print the whole table rather than 80 columns of it
-        console = Console(width=200)
-    console.print(table)
-    console.print(f"report: {out_dir / 'report.md'}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     runs: dict[str, Path] = {}
@@ -696,5 +700,5 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{folder} (run {name!r}) is not a folder")
         runs[name] = folder
     summaries = build_report(runs, args.out, args.baseline)
-    _print_table(summaries, args.out)
+    print_table(table_rows(summaries), "SelfBudgeter evaluation", f"report: {args.out / 'report.md'}")
     return 0
