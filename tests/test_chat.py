@@ -144,7 +144,29 @@ def test_json_with_a_user_budget_on_the_real_model(tiny_model_dir):
     result = json.loads(done.stdout)
     assert JSON_KEYS <= set(result)
     assert (result["budget"], result["budget_source"]) == (8, "user")
-    assert result["used_tokens"] <= 12
+    assert result["generated_tokens"] <= 12 and result["within_budget"] is (result["used_tokens"] <= 8)
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_the_summary_measures_the_solution_as_training_does(embedded_tokenizer, over):
+    # Was "Used 64 of 52 budget tokens (over budget)" for a solution on budget: the count held the solution
+    # tags. Now it is format.token_length of the solution, the length training rewards.
+    from rich.console import Console
+    from test_generator import CONTENT, scripted_model
+
+    from selfbudgeter import format as fmt
+    from selfbudgeter.chat import make_parser, run_interactive
+    from selfbudgeter.generator import BudgetGenerator
+
+    length = fmt.token_length(embedded_tokenizer, CONTENT)
+    args = make_parser().parse_args(["--model", "scripted", "--yes", "--temperature", "0"])
+    console = Console(record=True, width=120)
+    model = scripted_model(embedded_tokenizer, budget=length - over)
+    with BudgetGenerator(model, embedded_tokenizer, warmup=False) as gen:
+        final = run_interactive(gen, args, "What is 2+3?", None, console)
+    assert final.finish_reason == "finished" and final.solution == CONTENT
+    verdict = "over budget" if over else "within budget"
+    assert f"Used {length} of {length - over} budget tokens ({verdict})" in console.export_text()
 
 
 @pytest.mark.parametrize(

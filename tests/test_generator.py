@@ -161,7 +161,7 @@ def test_model_budget_first_and_once(scripted):
     events = list(scripted.stream(GenerationRequest("What is 2+3?", temperature=0)))
     assert isinstance(events[0], BudgetEvent) and isinstance(events[-1], FinalEvent)
     assert _kinds(events).count("BudgetEvent") == 1 and _kinds(events).count("FinalEvent") == 1
-    assert (events[0].tokens, events[0].source) == (12, "model")
+    assert (events[0].budget, events[0].source) == (12, "model")
     assert events[0].eta_seconds > 0
     text = "".join(e.text for e in events if isinstance(e, TextEvent))
     final = events[-1]
@@ -169,7 +169,7 @@ def test_model_budget_first_and_once(scripted):
     assert not any(tag in text for tag in fmt.TAGS)
     assert (final.answer, final.finish_reason, final.budget_source) == ("5", "finished", "model")
     assert final.response == fmt.render_response(12, CONTENT)
-    assert final.within_budget is False and final.used_tokens > 12
+    assert final.used_tokens == fmt.token_length(scripted.tokenizer, CONTENT) > 12 and final.within_budget is False
     assert 0 < final.seconds_to_budget <= final.seconds_total
 
 
@@ -177,7 +177,7 @@ def test_user_budget_is_out_before_any_decoding(slow_scripted):
     handle = slow_scripted.submit(GenerationRequest("What is 2+3?", budget=40, temperature=0))
     # Published by submit itself: no worker has run a decode step for this request yet.
     first = handle.budget
-    assert first is not None and (first.tokens, first.source) == (40, "user")
+    assert first is not None and (first.budget, first.source) == (40, "user")
     events = list(handle)
     assert events[0] is first and _kinds(events).count("BudgetEvent") == 1
     assert events[1:] and all(not isinstance(e, BudgetEvent) for e in events[1:])
@@ -190,12 +190,12 @@ def test_user_budget_is_out_before_any_decoding(slow_scripted):
 def test_budget_tags_in_the_question_are_text(scripted):
     question = f"{fmt.render_prefill(3)} What is 2+3?"
     events = list(scripted.stream(GenerationRequest(question, temperature=0)))
-    assert (events[0].tokens, events[0].source) == (12, "model")  # the scripted model's own, not the 3
+    assert (events[0].budget, events[0].source) == (12, "model")  # the scripted model's own, not the 3
 
 
 def test_user_budget_with_the_real_model(tiny):
     events = list(tiny.stream(GenerationRequest("What is 2+3?", budget=9, max_new_tokens=6, seed=0)))
-    assert isinstance(events[0], BudgetEvent) and (events[0].tokens, events[0].source) == (9, "user")
+    assert isinstance(events[0], BudgetEvent) and (events[0].budget, events[0].source) == (9, "user")
     final = events[-1]
     assert isinstance(final, FinalEvent) and final.budget == 9
     assert final.used_tokens <= 6
@@ -256,21 +256,30 @@ def test_answer_now_forces_the_answer(slow_scripted):
     assert final.solution.endswith(answer_text) and final.used_tokens < 20
 
 
+# Enforcement answers once the solution has int(budget * (1 + slack)) generated tokens; at most answer_cap
+# more follow. With a user budget every generated token is the solution's.
 @pytest.mark.parametrize("budget, slack", [(5, 0.2), (10, 0.0), (1, 0.5)])
 def test_enforcement_bound(scripted, budget, slack):
     request = GenerationRequest("What is 2+3?", budget=budget, enforce_budget=True, slack=slack, temperature=0)
-    final = scripted.generate(request)
+    events = list(scripted.stream(request))
+    final = events[-1]
     assert final.finish_reason == "answered_early" and final.answer == "7"
-    assert final.used_tokens <= int(budget * (1 + slack)) + request.answer_cap
+    limit = max(1, int(budget * (1 + slack)))
+    assert [e.used_tokens for e in events if isinstance(e, TextEvent) and e.phase == "solution"][-1] == limit
+    assert limit < final.generated_tokens <= limit + request.answer_cap
+    assert final.used_tokens == fmt.token_length(scripted.tokenizer, final.solution)
 
 
 def test_enforcement_bound_on_model_budget_and_real_model(scripted, tiny):
-    final = scripted.generate(GenerationRequest("What is 2+3?", enforce_budget=True, temperature=0))
-    assert final.budget_source == "model" and final.used_tokens <= int(12 * 1.2) + 32
+    events = list(scripted.stream(GenerationRequest("What is 2+3?", enforce_budget=True, temperature=0)))
+    final = events[-1]
+    # The model's own tag, and the rest of `<solution>` after the token that closed `</budget>`, come first.
+    before = events[0].generated_tokens + fmt.token_length(scripted.tokenizer, fmt.SOLUTION_OPEN)
+    assert final.budget_source == "model" and final.generated_tokens <= before + int(12 * 1.2) + 32
     for seed in range(3):
         request = GenerationRequest("What is 2+3?", budget=4, enforce_budget=True, answer_cap=5, seed=seed)
         final = tiny.generate(request)
-        assert final.used_tokens <= int(4 * 1.2) + 5
+        assert final.generated_tokens <= int(4 * 1.2) + 5
 
 
 def test_answer_cap_and_hard_cap(scripted):
@@ -332,7 +341,7 @@ def test_concurrent_requests_share_a_batch(tiny):
     for thread in threads:
         thread.join(timeout=60)
     assert [r.budget for r in results] == [5, 6, 7, 8]
-    assert all(r.used_tokens <= 8 for r in results)
+    assert all(r.generated_tokens <= 8 for r in results)
     assert tiny.stats()["batches"] == batches + 1
 
 
@@ -342,6 +351,37 @@ def test_a_seed_reproduces_the_output(tiny):
     other = tiny.generate(GenerationRequest("What is 2+3?", budget=20, max_new_tokens=12, temperature=1.0, seed=7))
     assert first.response == second.response
     assert first.response != other.response
+
+
+@pytest.fixture(scope="module")
+def unsuppressed(tiny_model_dir):
+    """The tiny model as `eval` loads it, and a generator on it (EOS not suppressed: eval does not either)."""
+    from selfbudgeter.models import load_model
+
+    model, tokenizer = load_model(tiny_model_dir, device="cpu")
+    with BudgetGenerator(model, tokenizer, warmup=False) as gen:
+        yield model, tokenizer, gen
+
+
+@pytest.mark.parametrize(
+    "budget, temperature, top_p, seed",
+    [(20, 1.0, 1.0, 0), (20, 0.7, 0.9, 123), (None, 1.2, 0.95, 2**63 - 1), (7, 0.0, 1.0, 5), (20, 1e-45, 1.0, 9)],
+)
+def test_the_same_seed_gives_the_same_text_in_eval_and_serve(unsuppressed, budget, temperature, top_p, seed):
+    from selfbudgeter import generation
+    from selfbudgeter.data import prompt_text
+
+    model, tokenizer, gen = unsuppressed
+    question = "What is 17 + 25?"
+    prompt = prompt_text(tokenizer, question, budget=budget, system_prompt=gen.system_prompt)
+    [[sample]] = generation.generate(model, tokenizer, [prompt], temperature=temperature, top_p=top_p,
+                                     max_new_tokens=16, seed=seed, progress=False)
+    final = gen.generate(GenerationRequest(question, budget=budget, temperature=temperature, top_p=top_p,
+                                           seed=seed, max_new_tokens=16))
+    served = final.response[len(fmt.render_prefill(budget)) :] if budget is not None else final.response
+    # A character cut off by the token cap: eval decodes it as U+FFFD, serve holds it back as incomplete.
+    assert served == sample.text.rstrip("\ufffd")
+    assert final.generated_tokens == sample.n_tokens - (sample.finish_reason == "stop")  # eval counts its EOS
 
 
 def test_incremental_decoding_keeps_multibyte_text_whole(embedded_tokenizer):
@@ -394,7 +434,7 @@ def test_stats_count_outcomes(embedded_tokenizer):
 
 
 def _poison_seed(row):
-    row.seed = 2**64  # past what torch.Generator.manual_seed takes: raises at the row's first sampling step
+    row.seed = "poison"  # a seed the sampler cannot take: raises at the row's first sampling step
 
 
 def _poison_decoding(row):
@@ -487,7 +527,12 @@ def test_generated_tokens_count_the_budget_tag_too(scripted, embedded_tokenizer)
     final = events[-1]
     tag = len(embedded_tokenizer.encode(fmt.render_prefill(12), add_special_tokens=False))
     assert final.generated_tokens == len(embedded_tokenizer.encode(final.response, add_special_tokens=False))
-    assert final.used_tokens < final.generated_tokens <= final.used_tokens + tag
+    # Every generated token: the budget tag, `<solution>`, the solution and `</solution>` (the solution alone is
+    # used_tokens, its length as training measures it).
+    closing = fmt.token_length(embedded_tokenizer, fmt.SOLUTION_CLOSE)
+    assert final.generated_tokens == len(embedded_tokenizer.encode(fmt.render_response(12, CONTENT),
+                                                                   add_special_tokens=False))
+    assert final.used_tokens + closing < final.generated_tokens <= final.used_tokens + tag + closing
     assert 0 < events[0].generated_tokens <= tag  # the budget event says how many tokens the tag took
     counts = [e.generated_tokens for e in events if isinstance(e, TextEvent)]
     assert counts == sorted(counts) and counts[-1] <= final.generated_tokens
@@ -536,8 +581,28 @@ def test_tag_filter(pieces, text):
     from selfbudgeter.generator import _TagFilter
 
     tags = _TagFilter()
-    out = "".join(tags.feed(piece) for piece in pieces)
-    assert out + tags.close() == text
+    assert "".join(tags.feed(piece) for piece in pieces) == text  # what is held back at the end is dropped
+
+
+# --- one length: the solution's, as training measures it -------------------------------------------------------
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_within_budget_is_measured_on_the_solution_as_training_does(embedded_tokenizer, over):
+    # A model that states exactly its solution's length (or one token less): on budget by the training metric,
+    # although the tokens it generated after the budget also hold the solution tags.
+    length = fmt.token_length(embedded_tokenizer, CONTENT)
+    model = scripted_model(embedded_tokenizer, budget=length - over)
+    with BudgetGenerator(model, embedded_tokenizer, warmup=False) as gen:
+        events = list(gen.stream(GenerationRequest("What is 2+3?", temperature=0)))
+        user = gen.generate(GenerationRequest("What is 2+3?", budget=length - over, temperature=0))
+    final = events[-1]
+    assert final.finish_reason == "finished" and final.solution == CONTENT
+    assert final.generated_tokens - events[0].generated_tokens > length  # the tags' tokens were generated too
+    assert (final.used_tokens, final.within_budget) == (length, not over)
+    assert (user.used_tokens, user.within_budget) == (length, not over)
+    running = [e.used_tokens for e in events if isinstance(e, TextEvent)]
+    assert running == sorted(running) and running[-1] <= length
 
 
 # --- a request that cannot fit the context -------------------------------------------------------------------
@@ -547,7 +612,9 @@ def test_a_question_far_beyond_the_context_is_refused_before_tokenizing(scripted
     def never(*args, **kwargs):
         raise AssertionError("tokenized")
 
-    monkeypatch.setattr(scripted, "encode_prompt", never)
+    monkeypatch.setattr(scripted, "_prompt", never)
+    with pytest.raises(AssertionError, match="tokenized"):  # the hook is where requests are tokenized
+        scripted.submit(GenerationRequest("What is 2+3?"))
     with pytest.raises(UserError, match="context"):
         scripted.submit(GenerationRequest("What is 2+3? " * 80_000))
 

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from selfbudgeter import format as fmt
 from selfbudgeter.server import (
     INLINE_PREPARE_CHARS,
     ApiError,
@@ -351,23 +352,25 @@ def control(live, cid, action):
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
 
 
-def test_non_stream(client):
+def test_non_stream(client, generator):
     out = client.chat.completions.create(model="tiny", messages=QUESTION, max_completion_tokens=12, seed=1,
                                          extra_body={"thinking_token_budget": 50})
     choice = out.choices[0]
     assert out.id.startswith("chatcmpl-") and out.object == "chat.completion" and out.model == "tiny"
     assert choice.finish_reason == "length"
     budget = choice.message.model_extra["budget"]
-    assert (budget["tokens"], budget["source"], budget["used_tokens"]) == (50, "user", 12)
-    assert budget["eta_seconds"] > 0
+    # used_tokens is the solution's length as training measures it: 12 random tokens, decoded, need not be 12
+    length = fmt.token_length(generator.tokenizer, choice.message.content)
+    assert (budget["tokens"], budget["source"], budget["used_tokens"]) == (50, "user", length)
+    assert budget["within_budget"] is (length <= 50) and budget["eta_seconds"] > 0
     assert "<budget>" not in choice.message.content and "<solution>" not in choice.message.content
     assert out.usage.completion_tokens == 12 and out.usage.prompt_tokens > 0
     assert out.usage.total_tokens == out.usage.prompt_tokens + 12
     assert out.usage.completion_tokens_details.reasoning_tokens == 12
-    assert out.usage.model_extra["budget"] == {"tokens": 50, "used_tokens": 12}
+    assert out.usage.model_extra["budget"] == {"tokens": 50, "used_tokens": length}
 
 
-def test_stream_sends_the_budget_first(client):
+def test_stream_sends_the_budget_first(client, generator):
     stream = client.chat.completions.create(
         model="tiny", messages=QUESTION, stream=True, max_completion_tokens=15, seed=2,
         stream_options={"include_usage": True, "continuous_usage_stats": True},
@@ -396,7 +399,7 @@ def test_stream_sends_the_budget_first(client):
     assert "<budget>" not in text and "</solution>" not in text
     assert finish == "length"
     assert usage.completion_tokens == 15 and usage.completion_tokens_details.reasoning_tokens == 15
-    assert usage.model_extra["budget"] == {"tokens": 40, "used_tokens": 15}
+    assert usage.model_extra["budget"] == {"tokens": 40, "used_tokens": fmt.token_length(generator.tokenizer, text)}
 
 
 def test_stream_without_usage_has_no_usage_chunk(client):
@@ -734,6 +737,8 @@ def test_fuzzed_bodies_through_the_app_are_never_a_server_error(instant, data):
 def test_control_404_does_not_echo_a_huge_id(instant):
     response = instant.post("/v1/chat/completions/control", json={"id": "c" * 100_000, "action": "cancel"})
     assert response.status_code == 404 and len(response.text) < 500
+    response = instant.post("/v1/chat/completions/control", json={"id": "c", "action": "a" * 100_000})
+    assert response.status_code == 400 and len(response.text) < 500
 
 
 def test_405_says_what_is_allowed(instant):
@@ -865,17 +870,19 @@ def test_a_row_that_fails_inside_a_batch_fails_alone(generator, monkeypatch):
     def poisoning(request, started):
         row = prepare(request, started)
         if "poison" in request.question:
-            row.seed = 2**64  # what `"seed": 2**64` did before the door refused it: manual_seed raises mid-batch
+            row.seed = "poison"  # a seed the sampler cannot take: it raises mid-batch, at the row's first step
         return row
 
     monkeypatch.setattr(batching, "_prepare", poisoning)
     server = LiveServer(create_app(batching, ServerConfig(served_model_name="tiny")))
     results: dict[int, list] = {}
     questions = ["What is 1+1?", "poison: what is 2+2?", "What is 3+3?", "What is 4+4?"]
+    # 1e-45 made the logits inf/NaN and failed its batch-mates: now it samples greedily beside them.
+    temperatures = [1.0, 1.0, 1e-45, 1.0]
 
     def ask(i):
-        request = body(messages=[{"role": "user", "content": questions[i]}], stream=True, temperature=1.0, seed=i,
-                       max_completion_tokens=20, thinking_token_budget=30)
+        request = body(messages=[{"role": "user", "content": questions[i]}], stream=True, temperature=temperatures[i],
+                       seed=i, max_completion_tokens=20, thinking_token_budget=30)
         results[i] = _raw_stream(server.url, request, headers={})
 
     try:
@@ -905,15 +912,15 @@ def test_a_tiny_temperature_is_served(client):
 
 def test_tokenizing_runs_off_the_event_loop(keyless, generator, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    encode = generator.encode_prompt
+    encode = generator._prompt  # where a request's prompt is rendered and tokenized
 
-    def slow(question, **kwargs):
+    def slow(question, *args):
         if "slow" in question:
             entered.set()
             release.wait(60)
-        return encode(question, **kwargs)
+        return encode(question, *args)
 
-    monkeypatch.setattr(generator, "encode_prompt", slow)
+    monkeypatch.setattr(generator, "_prompt", slow)
     result = {}
     # Long enough to be prepared in a worker thread (short ones take a millisecond on the loop); too long for
     # the tiny model's context once tokenized, short enough to be tokenized at all.
@@ -984,8 +991,6 @@ def scripted_live(embedded_tokenizer):
 
 
 def test_usage_includes_the_budget_tag(scripted_live, embedded_tokenizer):
-    from selfbudgeter import format as fmt
-
     server, gen = scripted_live
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=60)
     out = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0)
@@ -993,7 +998,11 @@ def test_usage_includes_the_budget_tag(scripted_live, embedded_tokenizer):
     assert (budget["tokens"], budget["source"]) == (12, "model")  # the scripted model's own budget
     tag = len(embedded_tokenizer.encode(fmt.render_prefill(12), add_special_tokens=False))
     usage = out.usage
-    assert budget["used_tokens"] < usage.completion_tokens <= budget["used_tokens"] + tag
-    assert usage.completion_tokens_details.reasoning_tokens == budget["used_tokens"]
-    assert usage.model_extra["budget"] == {"tokens": 12, "used_tokens": budget["used_tokens"]}
+    # The budget is compared with the solution's length as training measures it (not with the tokens generated
+    # after the budget, which also hold the solution tags); completion_tokens counts every generated token.
+    length = fmt.token_length(embedded_tokenizer, out.choices[0].message.content)
+    assert (budget["used_tokens"], budget["within_budget"]) == (length, length <= 12)
+    reasoning = usage.completion_tokens_details.reasoning_tokens
+    assert reasoning >= length and 0 < usage.completion_tokens - reasoning <= tag
+    assert usage.model_extra["budget"] == {"tokens": 12, "used_tokens": length}
     assert httpx.get(f"{server.url}/metrics", timeout=10).json()["tokens_generated"] == gen.stats()["tokens"]

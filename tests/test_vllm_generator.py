@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import pytest
 
 from selfbudgeter import format as fmt
+from selfbudgeter.data import prompt_text
 from selfbudgeter.errors import UserError
+from selfbudgeter.generation import sample_seed
 from selfbudgeter.generator import BudgetEvent, FinalEvent, GenerationRequest, TextEvent
 
 CONTENT = "Two plus three is five. " * 3 + "So \\boxed{5}"
@@ -248,7 +250,7 @@ def test_model_budget_first_then_text_then_final(shared):
     events = list(gen.stream(GenerationRequest("What is 2+3?", temperature=0.6, top_p=0.9, seed=3)))
     assert isinstance(events[0], BudgetEvent) and isinstance(events[-1], FinalEvent)
     assert _kinds(events).count("BudgetEvent") == 1 and _kinds(events).count("FinalEvent") == 1
-    assert (events[0].tokens, events[0].source) == (12, "model") and events[0].eta_seconds > 0
+    assert (events[0].budget, events[0].source) == (12, "model") and events[0].eta_seconds > 0
     final = events[-1]
     assert _text(events) == final.solution == CONTENT
     assert not any(tag in _text(events) for tag in fmt.TAGS)
@@ -256,13 +258,13 @@ def test_model_budget_first_then_text_then_final(shared):
     assert final.format_error is None
     assert final.response == fmt.render_response(12, CONTENT)
     request_id, prompt, params = engine.calls[-1]
-    # used_tokens: every token after the one that completed the budget tag (here the last one is `</solution>`'s).
-    emitted = engine.emitted[request_id]
-    budget_end = next(k for k in range(len(emitted)) if fmt.BUDGET_CLOSE in gen.tokenizer.decode(emitted[: k + 1]))
-    assert final.used_tokens == len(emitted) - budget_end - 1
+    # used_tokens: the solution's length as training measures it, as in the transformers backend.
+    assert final.used_tokens == fmt.token_length(gen.tokenizer, CONTENT) and final.within_budget is False
     assert request_id.startswith("gen-")
     assert gen.tokenizer.decode(prompt).endswith("<|assistant|>")
-    assert (params.temperature, params.top_p, params.seed) == (0.6, 0.9, 3)
+    # The seed eval's vLLM backend gives this prompt for seed 3 (generation.sample_seed): eval and serve agree.
+    seed = sample_seed(3, prompt_text(gen.tokenizer, "What is 2+3?", system_prompt=gen.system_prompt), 0)
+    assert (params.temperature, params.top_p, params.seed) == (0.6, 0.9, seed)
     assert params.output_kind is RequestOutputKind.DELTA and params.max_tokens == 512 - len(prompt)
     assert (params.stop, params.include_stop_str_in_output) == ([fmt.SOLUTION_CLOSE], True)
     assert not engine.aborted  # vLLM ended it at the stop string: nothing to abort
@@ -281,7 +283,7 @@ def test_user_budget_is_out_before_the_engine_answers(make):
     gen, engine = make(delay=0.002, first_delay=0.3)
     handle = gen.submit(GenerationRequest("What is 2+3?", budget=40))
     first = handle.budget  # published by submit itself
-    assert first is not None and (first.tokens, first.source) == (40, "user")
+    assert first is not None and (first.budget, first.source) == (40, "user")
     events = list(handle)
     assert events[0] is first and _kinds(events).count("BudgetEvent") == 1
     final = events[-1]
@@ -383,14 +385,20 @@ def test_enforcement_bound(shared, budget, slack):
     request = GenerationRequest("What is 2+3?", budget=budget, enforce_budget=True, slack=slack, temperature=0)
     final = gen.generate(request)
     assert final.finish_reason == "answered_early" and final.answer == "7"
-    assert final.used_tokens <= int(budget * (1 + slack)) + request.answer_cap
+    # A user budget: every generated token is the solution's; answer-now fires at the limit, answer_cap follow.
+    limit = max(1, int(budget * (1 + slack)))
+    assert limit < final.generated_tokens <= limit + request.answer_cap
+    assert final.used_tokens == fmt.token_length(gen.tokenizer, final.solution)
 
 
 def test_enforcement_on_the_model_budget_and_the_answer_cap(make):
     gen, engine = make(answer="123456789" * 4)
-    final = gen.generate(GenerationRequest("What is 2+3?", enforce_budget=True, answer_cap=5))
+    handle = gen.submit(GenerationRequest("What is 2+3?", enforce_budget=True, answer_cap=5))
+    final = handle.result()
     assert final.budget_source == "model" and final.finish_reason == "answered_early"
-    assert final.used_tokens <= int(12 * 1.2) + 5 and engine.calls[-1][2].max_tokens == 5
+    # After the budget tag (and the rest of `<solution>`): the limit, then at most answer_cap tokens.
+    before = handle.budget.generated_tokens + fmt.token_length(gen.tokenizer, fmt.SOLUTION_OPEN)
+    assert final.generated_tokens <= before + int(12 * 1.2) + 5 and engine.calls[-1][2].max_tokens == 5
 
 
 # --- bad inputs, errors, lifecycle -------------------------------------------------------------------------------

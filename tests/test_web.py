@@ -117,3 +117,29 @@ def test_the_page_runs_under_its_content_security_policy(page, live):
     assert "script-src 'sha256-" in httpx.get(f"{live.url}/", timeout=10).headers["content-security-policy"]
     assert page.text_content("#answer") != "–"
     assert not [line for line in CONSOLE if "Content Security Policy" in line or "Refused to" in line]
+
+
+def test_an_answer_on_budget_leaves_the_bar_unmarked(page, embedded_tokenizer):
+    # The bar turned red for a solution on budget by the training metric: the count it showed held the solution
+    # tags. The server now reports format.token_length of the solution, the length training rewards.
+    from test_generator import CONTENT, scripted_model
+    from test_server import LiveServer
+
+    from selfbudgeter import format as fmt
+    from selfbudgeter.generator import BudgetGenerator
+
+    length = fmt.token_length(embedded_tokenizer, CONTENT)
+    model = scripted_model(embedded_tokenizer, budget=length, delay=0.01)
+    generator = BudgetGenerator(model, embedded_tokenizer, warmup=False)
+    server = LiveServer(create_app(generator, ServerConfig(served_model_name="scripted")))
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_function("() => document.getElementById('model').dataset.name === 'scripted'")
+        ask(page, "What is 2+3?", "")  # the model states its own budget: its solution's exact length
+        page.wait_for_function("() => document.getElementById('status').textContent.startsWith('Done')")
+        assert page.text_content("#budget-value") == str(length)
+        assert page.text_content("#used") == str(length)
+        assert "over" not in page.get_attribute("#bar", "class").split()
+    finally:
+        server.stop()
+        generator.close()

@@ -136,7 +136,7 @@ class _Interrupts:
 
 def _budget_line(event) -> str:
     who = "your budget" if event.source == "user" else "model's estimate"
-    return f"Budget: {event.tokens} tokens ({who}) · ETA {event.eta_seconds:.1f} s"
+    return f"Budget: {event.budget} tokens ({who}) · ETA {event.eta_seconds:.1f} s"
 
 
 def run_interactive(generator, args: argparse.Namespace, question: str, budget: int | None, console) -> Any:
@@ -180,7 +180,7 @@ def _stream(handle, events, budget_event, console):
 
     from .generator import FinalEvent, TextEvent
 
-    total = budget_event.tokens if budget_event is not None else None
+    total = budget_event.budget if budget_event is not None else None
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -215,10 +215,12 @@ def _stream(handle, events, budget_event, console):
 def _summary(final, console) -> None:
     console.print(f"Answer: {final.answer if final.answer is not None else '(none found)'}", markup=False)
     if final.budget is not None:
+        # used_tokens is the solution's length as training measured it (format.token_length), not the
+        # running count the bar showed: that one also counts the solution tags.
         verdict = "within budget" if final.within_budget else "over budget"
         console.print(f"Used {final.used_tokens} of {final.budget} budget tokens ({verdict})", markup=False)
     else:
-        console.print(f"Used {final.used_tokens} tokens (no budget)", markup=False)
+        console.print(f"Generated {final.generated_tokens} tokens (no budget)", markup=False)
     why = FINISH_TEXT.get(final.finish_reason, final.finish_reason)
     if final.format_error:
         why += f": {final.format_error}"

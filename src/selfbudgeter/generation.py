@@ -10,7 +10,10 @@ is a pure function of (that seed, the step) (a counter-based hash), turned into 
    padding a prompt differently can change its logits in the last bits, which only matters when the
    random number falls within that distance of the boundary between two tokens (rare; never seen in the
    tests on CPU fp32).
-   Greedy decoding (temperature 0) has the same guarantee without the noise.
+   Greedy decoding (temperature 0, or below `SAMPLING_EPS`) has the same guarantee without the noise.
+3. the serving generator draws each token through the same `draw` with the same per-sample seed
+   (`sample_seed(seed, prompt, 0)`), so a request to `serve` with a seed gets the text `eval` got for that
+   seed, prompt and settings (up to floating point, as under (2)).
 
 How this departs from `model.generate(do_sample=True)`:
 1. Sampling is done by a logits processor (temperature, then top-p, then a seeded inverse-CDF draw) and
@@ -55,6 +58,9 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 COMPACT_SHARE: float | None = 0.5
 COMPACT_MIN_ROWS = 8
 COMPACT_MIN_TOKENS = 16
+
+# Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by 1e-45 gives inf/NaN.
+SAMPLING_EPS = 1e-5
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment
@@ -160,17 +166,15 @@ def row_uniforms(row_seeds, step: int):
 
 
 class SeededSampler:
-    """Logits processor: temperature, top-p, then an inverse-CDF draw seeded per row; returns a one-hot score.
+    """Logits processor over `draw`: each row's token drawn with its seed; returns a one-hot score.
 
-    `generate` then runs greedily, so the token it picks is the one drawn here. One random number per row
-    and step keeps this cheap next to the forward pass (a Gumbel draw over the vocabulary cost a quarter of
-    the step time of the embedded model on CPU).
+    `generate` then runs greedily, so the token it picks is the one drawn here. The serving generator
+    (`generator.BudgetGenerator`) draws through the same `draw`, so a seed gives the same text in `eval`,
+    `profile` and `serve`.
     """
 
     def __init__(self, row_seeds: Sequence[int], prompt_length: int, temperature: float, top_p: float):
-        import torch
-
-        self.row_seeds = torch.tensor([_signed(s) for s in row_seeds], dtype=torch.int64)
+        self.row_seeds = seed_tensor(row_seeds)
         self.prompt_length = prompt_length
         self.temperature = temperature
         self.top_p = top_p
@@ -179,16 +183,38 @@ class SeededSampler:
         import torch
 
         step = input_ids.shape[1] - self.prompt_length
-        logits = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            logits = top_p_filter(logits, self.top_p)
-        # float64 CDF: over a 150k vocabulary float32 rounding would move mass between tokens.
-        cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=torch.float64), dim=-1)
-        u = row_uniforms(self.row_seeds.to(logits.device), step).view(-1, 1) * cdf[:, -1:]
-        chosen = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1)
+        chosen = draw(scores, self.row_seeds, step, self.temperature, self.top_p)
         out = torch.full_like(scores, float("-inf"))
-        out.scatter_(1, chosen, 0.0)
+        out.scatter_(1, chosen.view(-1, 1), 0.0)
         return out
+
+
+def seed_tensor(row_seeds: Sequence[int]):
+    """Row seeds as the int64 tensor `draw` takes (any integer, wrapped to 64 bits)."""
+    import torch
+
+    return torch.tensor([_signed(s) for s in row_seeds], dtype=torch.int64)
+
+
+def draw(scores, row_seeds, step: int, temperature: float, top_p: float):
+    """The token of every row of `scores` ([rows, vocab]) at decode `step`: temperature, then top-p, then an
+    inverse-CDF draw with the row's random number for (seed, step). Greedy below `SAMPLING_EPS`.
+
+    One random number per row and step keeps this cheap next to the forward pass (a Gumbel draw over the
+    vocabulary cost a quarter of the step time of the embedded model on CPU).
+    """
+    import torch
+
+    logits = scores.float()
+    if temperature < SAMPLING_EPS:
+        return torch.argmax(logits, dim=-1)
+    logits = logits / temperature
+    if top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    # float64 CDF: over a 150k vocabulary float32 rounding would move mass between tokens.
+    cdf = torch.cumsum(torch.softmax(logits, dim=-1, dtype=torch.float64), dim=-1)
+    u = row_uniforms(row_seeds.to(logits.device), step).view(-1, 1) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1).view(-1)
 
 
 def top_p_filter(logits, top_p: float):
@@ -397,7 +423,7 @@ def _generate_transformers(
                     warned = True
             input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)
             attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-            seeds = [sample_seed(seed, prompts[p], k) for p, k in batch] if temperature > 0 else None
+            seeds = [sample_seed(seed, prompts[p], k) for p, k in batch] if temperature >= SAMPLING_EPS else None
             outputs = _decode(model, input_ids, attention, seeds, width, new_tokens, eos_ids, pad_id, temperature,
                               top_p, COMPACT_SHARE)
             for (p, k), kept in zip(batch, outputs):

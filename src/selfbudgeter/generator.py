@@ -11,9 +11,13 @@ How it sits on transformers, and where it goes beyond the plain `generate` call:
 1. Per-row control inside one batched `generate`: a `BaseStreamer` receives each step's tokens for the whole
    batch and a `StoppingCriteria` returns a per-row bool tensor, so one row can end (stop, answer now,
    its own token cap, `</solution>`) while the others continue; when every row has ended, `generate` returns.
-2. Per-row sampling: a `LogitsProcessor` samples each row with its own temperature, top-p and seeded
-   `torch.Generator` and leaves only the chosen token finite; `generate` then runs greedy. A request's seed
-   therefore reproduces its output whatever its batch-mates are.
+2. Per-row sampling: a `LogitsProcessor` draws each row's token with its own temperature and top-p through
+   `generation.draw`, the sampler of `eval` and `profile` (a counter-based random number per seed and step),
+   and leaves only the chosen token finite; `generate` then runs greedy. A request's seed therefore
+   reproduces its output whatever its batch-mates are, and a request with seed S gets the text
+   `generation.generate` gives its prompt for seed S (the row's seed is `generation.sample_seed(S, prompt
+   text, 0)`, as there), up to floating point and as long as the model's `generation_config` adds no logits
+   processors of its own (`generate` of `eval` ignores them, `serve` applies them).
 3. Answer-now runs a short greedy follow-up for that row alone from prompt + response so far + an
    answer-forcing suffix (`answer_suffix`, default `"\\nSo the answer is \\\\boxed{"`), ending when the
    suffix's open brace closes, at `</solution>`, at EOS or after `answer_cap` tokens. Follow-ups run on
@@ -23,16 +27,18 @@ How it sits on transformers, and where it goes beyond the plain `generate` call:
    a running `generate` call.
 
 Token accounting (the spec leaves it open): `generated_tokens` counts every token the model generated for a
-request (budget tag, solution, forced answer), `used_tokens` those generated after the budget was known; both
-exclude EOS and padding, and the answer-forcing suffix is inserted text, not generated, so neither counts it.
-`max_new_tokens` caps `generated_tokens`, like OpenAI's `max_completion_tokens`. With `enforce_budget`,
-answer-now fires when `used_tokens` reaches `int(budget * (1 + slack))`, so
-`used_tokens <= int(budget * (1 + slack)) + answer_cap`.
+request (budget tag, solution, forced answer; EOS and padding excluded), and `max_new_tokens` caps it, like
+OpenAI's `max_completion_tokens`. `used_tokens` is what a budget is compared with: on the `FinalEvent` it is
+`format.token_length` of the solution, the length training rewards and evaluation measure (the text between
+the solution tags, the answer-forcing suffix included); on a `TextEvent` it is the running count of tokens
+generated since the solution began, the cheap estimate of it (it may be a few tokens over while a closing
+tag is being written). With `enforce_budget`, answer-now fires when the running count reaches
+`int(budget * (1 + slack))`, so at most `answer_cap` more tokens are generated after that.
 
 Containment: a row whose sampling or event parsing raises ends alone (its handle raises the error) while its
 batch-mates go on; only an error of the batched forward pass itself fails the whole batch. Requests are
-checked before they queue (`check_request`): seeds fit a signed 64-bit integer (what `torch.Generator` and
-vLLM take), temperatures below `SAMPLING_EPS` sample greedily (vLLM's rule; 1e-45 would overflow the
+checked before they queue (`check_request`): seeds fit a signed 64-bit integer (what vLLM takes),
+temperatures below `generation.SAMPLING_EPS` sample greedily (vLLM's rule; 1e-45 would overflow the
 logits), and text the user typed is encoded as text, never as the chat template's control tokens.
 
 Beyond the spec: `GenerationHandle` also supports `async for` directly, `done`, `budget` and
@@ -60,6 +66,7 @@ from typing import Any, AsyncIterator, Iterator
 from . import format as fmt
 from .data import SYSTEM_PROMPT, prompt_text
 from .errors import UserError
+from .generation import SAMPLING_EPS, draw, sample_seed, seed_tensor
 from .grading import extract_answer
 
 logger = logging.getLogger(__name__)
@@ -72,10 +79,8 @@ SPEED_EMA = 0.05
 # Tokens of prompt kept as left context when decoding incrementally (a SentencePiece leading space, a
 # byte-level merge across the prompt boundary): the same window vLLM's detokenizer uses.
 DECODE_CONTEXT = 5
-# Largest seed: torch.Generator.manual_seed and vLLM's SamplingParams take a signed 64-bit integer.
+# Largest seed: vLLM's SamplingParams (and torch.Generator.manual_seed) take a signed 64-bit integer.
 MAX_SEED = 2**63 - 1
-# Temperatures below this sample greedily, as in vLLM (_SAMPLING_EPS): dividing logits by 1e-45 gives inf/NaN.
-SAMPLING_EPS = 1e-5
 
 
 class _Default:
@@ -104,18 +109,20 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
-class BudgetEvent:
-    tokens: int
+class BudgetEvent(fmt.BudgetEvent):
+    """The budget is known: `format.BudgetEvent` (`budget`), with where it came from and when."""
+
     source: str  # "model" | "user"
-    eta_seconds: float  # tokens / measured decode speed
+    eta_seconds: float  # budget / measured decode speed
     elapsed: float  # seconds since the request started
     generated_tokens: int = 0  # tokens generated so far: the budget tag's, or 0 for a user budget
 
 
 @dataclass(frozen=True)
-class TextEvent:
-    text: str  # solution text, never tag characters
-    used_tokens: int  # generated tokens so far (after the budget)
+class TextEvent(fmt.TextEvent):
+    """Solution text (`format.TextEvent`: never tag characters), with the counts so far."""
+
+    used_tokens: int  # tokens generated since the solution began (the FinalEvent has the exact length)
     eta_seconds: float | None
     phase: str  # "solution" | "answer" (text forced by answer-now)
     generated_tokens: int = 0  # every generated token so far, budget tag included
@@ -128,8 +135,8 @@ class FinalEvent:
     response: str  # full raw response (budget tag + solution), for logging
     budget: int | None
     budget_source: str | None
-    used_tokens: int
-    within_budget: bool | None
+    used_tokens: int  # format.token_length of the solution when there is a budget, else 0
+    within_budget: bool | None  # used_tokens <= budget
     finish_reason: str  # "finished" | "stopped" | "answered_early" | "length" | "format_error"
     format_error: str | None
     seconds_to_budget: float | None
@@ -302,15 +309,12 @@ class _TagFilter:
         self.held = text[len(text) - hold :] if hold else ""
         return text[: len(text) - hold]
 
-    def close(self) -> str:
-        self.held = ""
-        return ""
-
 
 class _Row:
     """The state of one request while it runs."""
 
-    def __init__(self, handle: GenerationHandle, prompt_ids: list[int], max_new: int, max_budget: int, started: float):
+    def __init__(self, handle: GenerationHandle, prompt_ids: list[int], max_new: int, max_budget: int, started: float,
+                 seed: int):
         request = handle.request
         self.handle = handle
         self.request = request
@@ -324,15 +328,16 @@ class _Row:
         self.budget: int | None = None
         self.budget_source: str | None = None
         self.budget_time: float | None = None
-        self.used = 0
+        self.used = 0  # tokens generated since the solution began (the running estimate of its length)
+        self.solution_from: int | None = None  # generated tokens before the solution's first
         self.in_solution = False  # the solution tag is behind us: forced text lands inside the solution
         self.closed = False  # no more tokens from the main generation
         self.final: FinalEvent | None = None
         self.answering = False  # handed to the answer thread
         self.running = False  # a worker has taken it: only that worker (or the answer thread) ends it
         self.lock = threading.Lock()
-        self.seed = request.seed if request.seed is not None else random.randrange(2**63)
-        self.rng = None  # torch.Generator, made on the scores' device at the first step
+        self.seed = seed  # the row's own: generation.sample_seed of the request's seed and the prompt text
+        self.seeds = None  # `seed` as generation.draw takes it, made at the first step
         self.detok: _Detokenizer | None = None
         self.budget_hint: int | None = None  # the user's budget, validated
         self.tags = _TagFilter()
@@ -378,40 +383,27 @@ def _make_criteria(rows: list[_Row]):
     return RowsDone()
 
 
-def _sample(row: _Row, logits):
-    """One row's next token from its logits (float32), with its own temperature, top-p and seeded generator."""
-    import torch
-
-    temperature, top_p = row.request.temperature, row.request.top_p
-    if temperature < SAMPLING_EPS or row.closed:
-        return torch.argmax(logits)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest head whose mass reaches top_p (always at least the top token).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    if row.rng is None:
-        row.rng = torch.Generator(device=logits.device)
-        row.rng.manual_seed(row.seed)
-    return torch.multinomial(probs, 1, generator=row.rng)[0]
-
-
-def _make_sampler(gen: BudgetGenerator, rows: list[_Row]):
+def _make_sampler(gen: BudgetGenerator, rows: list[_Row], width: int):
     import torch
     from transformers import LogitsProcessor
 
     class RowSampler(LogitsProcessor):
+        """Each row's token from `generation.draw` with the row's seed and settings; the step counts from the
+        batch's prompt width, as `generation.SeededSampler` does."""
+
         def __call__(self, input_ids, scores):
-            chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+            step = input_ids.shape[1] - width
+            chosen = torch.argmax(scores, dim=-1)
             for i, row in enumerate(rows):
-                logits = scores[i].float()
+                if row.closed:
+                    continue
                 try:
-                    chosen[i] = _sample(row, logits)
+                    if row.seeds is None:
+                        row.seeds = seed_tensor([row.seed])
+                    request = row.request
+                    chosen[i] = draw(scores[i : i + 1], row.seeds, step, request.temperature, request.top_p)[0]
                 except Exception as err:  # the row ends with its error; the batch goes on without it
                     gen._fail_row(row, err)
-                    chosen[i] = torch.argmax(logits)
             out = torch.full_like(scores, float("-inf"))
             out.scatter_(1, chosen[:, None], 0.0)
             return out
@@ -486,6 +478,7 @@ class BudgetGeneratorBase:
             # The user's budget is known before any decoding: the parser sees the pre-filled tags first.
             self._feed(row, fmt.render_prefill(row.budget_hint), source="user")
             row.in_solution = True
+            row.solution_from = 0  # every generated token is the solution's
         self._queued[handle.id] = row
         self._start(row)
         return handle
@@ -583,7 +576,7 @@ class BudgetGeneratorBase:
             raise UserError(f"the question is {len(q)} characters: more than the model's context of "
                             f"{self.max_context} tokens can hold")
         system = self.system_prompt if request.system_prompt is _UNSET else request.system_prompt
-        base_ids = self.encode_prompt(q, system_prompt=system)
+        text, base_ids = self._prompt(q, None, system)
         room = self.max_context - len(base_ids)
         if room < 1:
             raise UserError(f"the prompt is {len(base_ids)} tokens; the model's context is {self.max_context}")
@@ -597,13 +590,13 @@ class BudgetGeneratorBase:
                 raise UserError(_budget_message(request.budget, err, room)) from None
             if request.fit_budget:
                 budget = min(budget, room)
-            prompt_ids = self.encode_prompt(q, budget=budget, system_prompt=system)
+            text, prompt_ids = self._prompt(q, budget, system)
             left = self.max_context - len(prompt_ids)
             if request.fit_budget and 1 <= left < budget:
                 # The pre-filled tag takes room too: fit the budget to what is left after it (fewer digits
                 # only shorten the tag).
                 budget = left
-                prompt_ids = self.encode_prompt(q, budget=budget, system_prompt=system)
+                text, prompt_ids = self._prompt(q, budget, system)
         else:
             prompt_ids = base_ids
         room = self.max_context - len(prompt_ids)
@@ -611,7 +604,9 @@ class BudgetGeneratorBase:
             raise UserError(f"the prompt is {len(prompt_ids)} tokens; the model's context is {self.max_context}")
         default_cap = getattr(self._generation_defaults(), "max_new_tokens", None)
         max_new = min(request.max_new_tokens or default_cap or room, room)
-        row = _Row(GenerationHandle(request, self), prompt_ids, max_new, max(1, room), started)
+        # The seed `generation.generate` gives this prompt's first sample: the same seed, the same text.
+        seed = sample_seed(request.seed, text, 0) if request.seed is not None else random.randrange(2**63)
+        row = _Row(GenerationHandle(request, self), prompt_ids, max_new, max(1, room), started, seed)
         row.handle.prompt_tokens = len(prompt_ids)
         row.budget_hint = budget
         row.detok = _Detokenizer(self.tokenizer, prompt_ids)
@@ -624,10 +619,14 @@ class BudgetGeneratorBase:
         `<|assistant|>`) is encoded as the characters it is made of, so a user cannot forge turns. A question
         without special-token text is encoded as the whole prompt text, exactly as in training."""
         system = self.system_prompt if system_prompt is _UNSET else system_prompt
+        return self._prompt(question, budget, system)[1]
+
+    def _prompt(self, question: str, budget: int | None, system: str | None) -> tuple[str, list[int]]:
+        """The prompt text (`data.prompt_text`, what `eval` samples from) and its ids (`encode_prompt`)."""
         text = prompt_text(self.tokenizer, question, budget=budget, system_prompt=system)
         found = [special for special in self._special_texts if special in question]
         if not found:
-            return self._encode(text)
+            return text, self._encode(text)
         # Where the question sits in the prompt: render once more with a marker the template leaves alone.
         marker = f"SELFBUDGETERQUESTION{uuid.uuid4().hex}"
         template = prompt_text(self.tokenizer, marker, budget=budget, system_prompt=system)
@@ -635,7 +634,7 @@ class BudgetGeneratorBase:
             head, tail = template.split(marker)
             for inner in (question, question.strip()):  # some templates trim the content
                 if head + inner + tail == text:
-                    return self._encode(head) + self._encode(inner, special=False) + self._encode(tail)
+                    return text, self._encode(head) + self._encode(inner, special=False) + self._encode(tail)
         raise UserError(f"the question contains {found[0]!r}, a control token of this model, and its chat "
                         "template changes the question so that it cannot be kept as plain text")
 
@@ -671,7 +670,7 @@ class BudgetGeneratorBase:
                 row.in_solution = source == "user"
                 row.handle._push(
                     BudgetEvent(
-                        tokens=event.budget,
+                        budget=event.budget,
                         source=source,
                         eta_seconds=self._eta(event.budget),
                         elapsed=row.budget_time - row.started,
@@ -692,6 +691,10 @@ class BudgetGeneratorBase:
         text = row.tags.feed(text)
         if not text:
             return
+        if row.solution_from is None and row.budget is not None:
+            # The token being fed carries the solution's first text.
+            row.solution_from = max(0, len(row.generated) - 1)
+            self._count_used(row)
         row.solution += text
         if phase == "answer":
             eta = None
@@ -709,8 +712,7 @@ class BudgetGeneratorBase:
             self._finish(row, "finished")
             return
         row.generated.append(token)
-        if row.budget is not None:
-            row.used += 1
+        self._count_used(row)
         ended = self._feed(row, row.detok.add([token]))
         if ended:
             self._finish(row, "finished")
@@ -726,6 +728,11 @@ class BudgetGeneratorBase:
         if row.handle._answer_now.is_set() and row.in_solution:
             row.closed = row.answering = True
             self._start_answer(row)
+
+    @staticmethod
+    def _count_used(row: _Row) -> None:
+        if row.solution_from is not None:
+            row.used = len(row.generated) - row.solution_from
 
     @staticmethod
     def _enforce_limit(row: _Row) -> int | None:
@@ -766,14 +773,17 @@ class BudgetGeneratorBase:
             elif reason == "finished":
                 reason = "format_error"
         now = time.perf_counter()
+        # The solution's length as training and evaluation measure it, not the running count: that one also
+        # has the solution tags' tokens and misses the answer suffix's.
+        used = 0 if row.budget is None else fmt.token_length(self.tokenizer, row.solution)
         final = FinalEvent(
             answer=extract_answer(row.solution),
             solution=row.solution,
             response=row.response,
             budget=row.budget,
             budget_source=row.budget_source,
-            used_tokens=row.used,
-            within_budget=None if row.budget is None else row.used <= row.budget,
+            used_tokens=used,
+            within_budget=None if row.budget is None else used <= row.budget,
             finish_reason=reason,
             format_error=format_error,
             seconds_to_budget=None if row.budget_time is None else row.budget_time - row.started,
@@ -832,7 +842,7 @@ class BudgetGeneratorBase:
             state["done"] = True
             return True
         row.generated.append(token)
-        row.used += 1
+        self._count_used(row)
         text = row.detok.add([token])
         text, closed = _cut_at_close(text, state)
         if self._feed(row, text, phase="answer") or closed:
@@ -1032,7 +1042,7 @@ class BudgetGenerator(BudgetGeneratorBase):
                 ids,
                 attention_mask=mask,
                 generation_config=self._generation_config(max(r.max_new for r in rows)),
-                logits_processor=LogitsProcessorList([_make_sampler(self, rows)]),
+                logits_processor=LogitsProcessorList([_make_sampler(self, rows, width)]),
                 stopping_criteria=StoppingCriteriaList([_make_criteria(rows)]),
                 streamer=_Streamer(self, rows),
             )

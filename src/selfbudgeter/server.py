@@ -34,7 +34,8 @@ Where this deviates from an OpenAI server:
 5. At `max_concurrent` running generations a request gets 429 with `Retry-After` (the client retries it).
 6. `usage.completion_tokens` counts every generated token, the budget tag included (as OpenAI counts a
    reasoning model's hidden reasoning); `completion_tokens_details.reasoning_tokens` is the solution's share
-   and `usage.budget.used_tokens` the count the budget is measured against.
+   and `usage.budget.used_tokens` the count the budget is measured against: in the last usage, the
+   solution's `format.token_length` (what training rewards); before it, a running count of its tokens.
 
 Safety defaults (one bad request must not hurt others, and a web page must not drive a local server):
 - Every bad input is a 4xx in OpenAI's error shape: wrong JSON types, NaN, deep nesting, lone surrogates;
@@ -483,7 +484,7 @@ class _State:
 
 def _budget_info(event: Any) -> dict[str, Any]:
     eta = event.eta_seconds
-    return {"tokens": event.tokens, "source": event.source,
+    return {"tokens": event.budget, "source": event.source,
             "eta_seconds": None if eta is None else round(float(eta), 2)}
 
 
@@ -574,7 +575,7 @@ class _Tracker:
         used = final.used_tokens if final is not None else self.used_tokens
         answer = 0 if self.answer_from is None else generated - self.answer_from
         reasoning = max(0, generated - self.tag_tokens - answer)
-        budget = final.budget if final is not None else (self.budget.tokens if self.budget else None)
+        budget = final.budget if final is not None else (self.budget.budget if self.budget else None)
         return _usage(self.prompt_tokens, generated, reasoning, budget, used, None if final else self.eta)
 
 
@@ -734,23 +735,22 @@ def create_app(generator: Any, config: ServerConfig | None = None):
     app = FastAPI(title="selfbudgeter", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.selfbudgeter = state
     app.add_middleware(_Guard, config=config)
-    error_response = _error_response
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError):
         if request.url.path.startswith("/v1/chat/completions"):
             state.metrics.add("errors")
-        return error_response(err)
+        return _error_response(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, err: StarletteHTTPException):
         # 405 carries `Allow` in the exception's headers.
-        return error_response(ApiError(err.status_code, str(err.detail), code=None, headers=err.headers))
+        return _error_response(ApiError(err.status_code, str(err.detail), code=None, headers=err.headers))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, err: Exception):
         logger.exception("internal error on %s", request.url.path)
-        return error_response(ApiError(500, "internal server error; see the server log", code="internal_error"))
+        return _error_response(ApiError(500, "internal server error; see the server log", code="internal_error"))
 
     def authorize(request: Request) -> None:
         if not config.api_key:
@@ -827,7 +827,7 @@ def create_app(generator: Any, config: ServerConfig | None = None):
             raise _bad("the request body must be a JSON object")
         cid, action = body.get("id"), body.get("action")
         if action not in ("cancel", "answer_now", "reasoning_end"):
-            raise _bad(f"action must be cancel, answer_now or reasoning_end; got {action!r}", "action")
+            raise _bad(f"action must be cancel, answer_now or reasoning_end; got {_shown(action)}", "action")
         live = state.live.get(cid) if isinstance(cid, str) else None
         if live is None:
             raise ApiError(404, f"no running completion with id {_shown(cid)}", param="id",

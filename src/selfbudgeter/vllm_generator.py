@@ -12,8 +12,10 @@ How it sits on vLLM's async engine (`vllm.AsyncLLMEngine`, which is `vllm.v1.eng
    several when the consumer falls behind. The text is decoded here from those ids by the transformers
    backend's incremental detokenizer, so tags are parsed and tokens counted exactly as there; vLLM's own
    text is not used.
-3. Sampling is vLLM's: temperature, top_p and the request's `seed`. A seed reproduces a response on the
-   same engine, not the transformers backend's response for that seed.
+3. Sampling is vLLM's: temperature, top_p and a seed. The seed of a request with seed S is
+   `generation.sample_seed(S, prompt text, 0)`, the one `generation.generate`'s vLLM backend gives that
+   prompt, so `serve --backend vllm` and `eval --backend vllm` agree; it reproduces a response on the same
+   engine, not the transformers backend's response for that seed.
 4. Stop aborts the request: the task iterating `generate` is cancelled (vLLM aborts a request whose
    iteration is cancelled) and `engine.abort(request_id)` is called as well (a no-op for a request that
    already ended). `</solution>` is also a vLLM stop string, so vLLM itself ends a request there, as it does
@@ -231,7 +233,8 @@ class VLLMBudgetGenerator(BudgetGeneratorBase):
     async def _decode(self, row: _Row, wake: asyncio.Event) -> None:
         request = row.request
         params = self._params(
-            temperature=request.temperature, top_p=request.top_p, seed=request.seed, max_tokens=row.max_new
+            temperature=request.temperature, top_p=request.top_p, seed=row.seed if request.seed is not None else None,
+            max_tokens=row.max_new,
         )
 
         def on_tokens(ids: list[int]) -> bool:
