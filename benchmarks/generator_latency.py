@@ -6,8 +6,9 @@ On N questions of the embedded test split it measures
   the model's own budgets (when the model states one; a base model without the format states none);
 * stop latency: `stop()` to the FinalEvent, with and without batch-mates still running (ms);
 * answer-now: after a few solution tokens, whether the forced answer yields an extracted, graded answer;
-* the enforcement bound: with `enforce_budget`, every response has
-  `used_tokens <= int(budget * (1 + slack)) + answer_cap`.
+* the enforcement bound: with `enforce_budget` and a user budget, every response has
+  `generated_tokens <= int(budget * (1 + slack)) + answer_cap` (every generated token is the solution's;
+  `used_tokens`, the solution's length as training measures it, also counts the answer-forcing suffix).
 
     .venv/bin/python benchmarks/generator_latency.py [--model DIR] [--n 20] [--out results.json]
 
@@ -188,14 +189,14 @@ def enforcement(gen: BudgetGenerator, rows, args) -> dict:
         for i, row in enumerate(rows)
     ]
     finals = [h.result() for h in handles]
-    used = [f.used_tokens for f in finals]
+    used = [f.generated_tokens for f in finals]
     return {
         "requests": len(finals),
         "budget": args.enforce_budget,
         "slack": args.slack,
         "answer_cap": args.answer_cap,
         "bound": bound,
-        "used_tokens_max": max(used),
+        "generated_tokens_max": max(used),
         "within_bound": sum(u <= bound for u in used),
         "answered_early": sum(f.finish_reason == "answered_early" for f in finals),
         "holds": all(u <= bound for u in used),
@@ -244,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         ("answer-now: answered early / with answer / correct",
          f"{ans['answered_early']} / {ans['with_answer']} / {ans['correct']} of {ans['requests']}"),
         ("answer-now -> final (median ms)", ans["answer_now_to_final"].get("median_ms")),
-        (f"enforcement: used <= {enf['bound']} (budget {enf['budget']})",
-         f"{enf['within_bound']}/{enf['requests']} (max used {enf['used_tokens_max']})"),
+        (f"enforcement: generated <= {enf['bound']} (budget {enf['budget']})",
+         f"{enf['within_bound']}/{enf['requests']} (max generated {enf['generated_tokens_max']})"),
     ]
     width = max(len(name) for name, _ in table)
     for name, value in table:
