@@ -75,12 +75,12 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
     def evaluate(name: str, model: Path, budgeted: bool) -> Step:
         argv = ["--config", "embedded/eval", "--model", str(model), "--out", str(evals / name), *seed]
-        argv += ["--limit", str(args.eval_limit), "--budgeted", str(budgeted).lower()]
+        argv += ["--split", args.split, "--limit", str(args.eval_limit), "--budgeted", str(budgeted).lower()]
         if not budgeted:
             argv += ["--control_multipliers", "[]"]
         if name != "base":
             argv += ["--baseline", str(evals / "base")]
-        return Step(f"eval-{name}", f"evaluate {name} on the held-out test split", lambda: _stage("eval", argv))
+        return Step(f"eval-{name}", f"evaluate {name} on the {args.split} split", lambda: _stage("eval", argv))
 
     def grpo(name: str, recipe: str, start: Path = sft) -> Step:
         # Train on the profiled questions the base model solved: each has its b_max, and the wrong-answer
@@ -192,7 +192,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")
     parser.add_argument("--profile-questions", type=int, default=800,
                         help="training questions profiled (default 800, 2 samples each)")
-    parser.add_argument("--eval-limit", type=int, default=400, help="test questions evaluated (400 = all)")
+    parser.add_argument("--eval-limit", type=int, default=400, help="questions evaluated (400 = the whole split)")
+    parser.add_argument("--split", choices=("validation", "test"), default="test",
+                        help="split the models are evaluated on: choose settings on validation, report test once")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO recipes' max_steps")
     parser.add_argument("--fresh", action="store_true", help="delete OUT first instead of resuming")
     return parser
