@@ -511,3 +511,11 @@ def test_import_is_light():
     code = "import sys, selfbudgeter.data; print(*(m in sys.modules for m in ('torch', 'datasets', 'sympy')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+def test_file_or_folder_takes_the_file_or_the_folder_holding_it(tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", [{"a": 1}])
+    assert data.file_or_folder(path, "train.jsonl", "hint") == path
+    assert data.file_or_folder(tmp_path, "train.jsonl", "hint") == path
+    with pytest.raises(UserError, match=r"other\.jsonl: no such file \(made by build-sft\)"):
+        data.file_or_folder(tmp_path, "other.jsonl", "made by build-sft")

@@ -20,7 +20,14 @@ import pytest
 from selfbudgeter import grpo, task
 from selfbudgeter.data import SYSTEM_PROMPT, prompt_text
 from selfbudgeter.evaluate import score_record
-from selfbudgeter.format import SOLUTION_CLOSE, FormatError, render_prefill, render_response, token_length, try_parse
+from selfbudgeter.format import (
+    SOLUTION_CLOSE,
+    FormatError,
+    render_prefill,
+    render_response,
+    token_length,
+    try_parse,
+)
 from selfbudgeter.profile import sample_rows
 from selfbudgeter.rewards import SelfBudgeterScorer
 from selfbudgeter.sft import strip_template_bos

@@ -127,6 +127,17 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return path
 
 
+def file_or_folder(path: str | os.PathLike, name: str, hint: str) -> Path:
+    """`path` when it is a file, else the file `name` in the folder `path`; a UserError ending in `hint`
+    (where such a file comes from) when there is none."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise UserError(f"{path}: no such file ({hint})")
+    return path
+
+
 # --- field adapters -----------------------------------------------------------------------------------------
 
 Adapter = Callable[[Mapping[str, Any], str], Row]  # (record, default id) -> Row

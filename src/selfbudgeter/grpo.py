@@ -163,12 +163,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, Reward
 
 
 def profile_file(profile: str | os.PathLike) -> Path:
-    path = Path(profile).expanduser()
-    if path.is_dir():
-        path = path / "questions.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (a profile folder holds questions.jsonl; see `selfbudgeter profile`)")
-    return path
+    """A profile's questions.jsonl, given it or the profile folder."""
+    from .data import file_or_folder
+
+    return file_or_folder(profile, "questions.jsonl",
+                          "a profile folder holds questions.jsonl; see `selfbudgeter profile`")
 
 
 def load_b_max(profile: str | os.PathLike) -> dict[str, float | None]:
