@@ -435,3 +435,23 @@ def test_registry_entries_are_factories():
 def test_importing_rewards_does_not_import_torch():
     code = "import sys, selfbudgeter.rewards; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_follow_term_has_a_slope_at_every_length_under_a_user_budget(tokenizer):
+    """The follow term rewards a correct answer under a user budget for landing on it, linearly (L1-style), and
+    stays off without a user budget, for wrong answers, and by default (follow_penalty 0 is the SPEC)."""
+    from selfbudgeter.rewards import RewardConfig, follow_score, make_reward_funcs
+
+    cfg = RewardConfig(follow_penalty=-0.5)
+    on, near, far, farther = (follow_score(True, n, 100, cfg) for n in (100, 90, 40, 250))
+    assert on == 0.0 and on > near > far > farther == -0.5
+    assert follow_score(False, 10, 100, cfg) == 0.0
+    assert follow_score(True, 10, None, cfg) == 0.0
+    assert follow_score(True, 10, 100, RewardConfig()) == 0.0
+    assert len(make_reward_funcs(tokenizer)) == 3
+    funcs = make_reward_funcs(tokenizer, cfg)
+    assert [f.__name__ for f in funcs][-1] == "follow_reward"
+    with pytest.raises(ValueError, match="follow_penalty"):
+        RewardConfig(follow_penalty=-0.6)
+    with pytest.raises(ValueError, match="follow_penalty"):
+        RewardConfig(follow_penalty=0.1)

@@ -58,6 +58,11 @@ class RewardConfig:
     # final alpha, e.g. with a lower learning rate). None: the whole run (max_steps), the paper's schedule.
     alpha_steps: int | None = None
     max_budget: int = DEFAULT_MAX_BUDGET  # B_cap
+    # Beyond the paper (L1/LCPO's linear length term): a correct answer under a *user* budget b also gets
+    # follow_penalty * min(1, |l - b| / b). S's kernel pays nothing beyond alpha * b of its target, and alpha is
+    # loose (target near 0) for most of the schedule, so it teaches following only at the end, and only for
+    # budgets near the policy's own length; this term has a slope at every length. 0: the SPEC reward alone.
+    follow_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.correct_min > self.correct_max:
@@ -66,6 +71,13 @@ class RewardConfig:
             raise ValueError(f"wrong_min ({self.wrong_min}) must not exceed wrong_max ({self.wrong_max})")
         if self.budget_penalty > 0:
             raise ValueError(f"budget_penalty ({self.budget_penalty}) is a penalty: it must be <= 0")
+        if self.follow_penalty > 0:
+            raise ValueError(f"follow_penalty ({self.follow_penalty}) is a penalty: it must be <= 0")
+        if self.correct_min + self.budget_penalty + self.follow_penalty < self.wrong_max:
+            raise ValueError(
+                f"follow_penalty ({self.follow_penalty}) lets a wrong answer beat a correct one: correct_min + "
+                f"budget_penalty + follow_penalty must be >= wrong_max ({self.wrong_max})"
+            )
         if self.correct_min + self.budget_penalty < self.wrong_max:
             raise ValueError(
                 f"budget_penalty ({self.budget_penalty}) lets a wrong answer beat a correct one over budget: "
@@ -110,6 +122,14 @@ def precise_budget_score(
         return cfg.correct_min + (cfg.correct_max - cfg.correct_min) * kernel
     kernel = cosine_kernel(length, (1.0 + alpha) * budget, width)
     return cfg.wrong_min + (cfg.wrong_max - cfg.wrong_min) * kernel
+
+
+def follow_score(correct: bool, length: float, user_budget: float | None, cfg: RewardConfig | None = None) -> float:
+    """The follow term: follow_penalty x min(1, |l - b| / b) for a correct answer under a user budget b, else 0."""
+    cfg = cfg or RewardConfig()
+    if not correct or user_budget is None or cfg.follow_penalty == 0:
+        return 0.0
+    return cfg.follow_penalty * min(1.0, abs(length - user_budget) / user_budget)
 
 
 def _missing(value: Any) -> bool:
@@ -258,6 +278,7 @@ class _Parts:
     format: list[float]
     budget_penalty: list[float]
     precise_budget: list[float]
+    follow: list[float]
 
 
 class SelfBudgeterScorer:
@@ -301,18 +322,21 @@ class SelfBudgeterScorer:
     def parts(self, completions: Sequence[Any], trainer_state: Any = None, **kwargs: Any) -> _Parts:
         scored = self.batch(completions, **kwargs)
         b_maxes = _column(kwargs, "b_max", len(completions))
+        prefills = [_prefill_budget(v) for v in _column(kwargs, "prefill_budget", len(completions))]
         alpha = self.alpha(trainer_state)
-        fmt, pb, s = [], [], []
-        for item, b_max in zip(scored, b_maxes):
+        fmt, pb, s, follow = [], [], [], []
+        for item, b_max, user_budget in zip(scored, b_maxes, prefills):
             if not item.format_ok:
                 fmt.append(self.cfg.format_penalty)
                 pb.append(0.0)
                 s.append(0.0)
+                follow.append(0.0)
                 continue
             fmt.append(0.0)
             pb.append(budget_penalty(item.budget, b_max, self.cfg))
             s.append(precise_budget_score(item.correct, item.length, item.budget, alpha, self.cfg))
-        return _Parts(fmt, pb, s)
+            follow.append(follow_score(item.correct, item.length, user_budget, self.cfg))
+        return _Parts(fmt, pb, s, follow)
 
 
 def _warn_grading_failures(errors: Sequence[str | None]) -> None:
@@ -363,16 +387,20 @@ def make_reward_funcs(tokenizer: Any, cfg: RewardConfig | None = None) -> list[R
     """The SelfBudgeter reward as three TRL reward functions whose per-completion sum is R.
 
     `format_reward` is r_fmt for a broken format and 0 otherwise; `budget_penalty_reward` is PB and
-    `precise_budget_reward` is S for a well-formed completion, 0 otherwise. Dataset columns used: `answer`
+    `precise_budget_reward` is S for a well-formed completion, 0 otherwise; with a follow_penalty, `follow_reward`
+    is the follow term. Dataset columns used: `answer`
     (gold, required), `b_max` (optional), `prefill_budget` (optional). alpha follows `trainer_state`
     (global_step / max_steps, or / cfg.alpha_steps); without one it is alpha_start.
     """
     scorer = SelfBudgeterScorer(tokenizer, cfg)
-    return [
+    funcs = [
         _SelfBudgeterPart(scorer, "format", "format_reward", reports=True),
         _SelfBudgeterPart(scorer, "budget_penalty", "budget_penalty_reward"),
         _SelfBudgeterPart(scorer, "precise_budget", "precise_budget_reward"),
     ]
+    if scorer.cfg.follow_penalty != 0:
+        funcs.append(_SelfBudgeterPart(scorer, "follow", "follow_reward"))
+    return funcs
 
 
 class _Grader:
