@@ -46,7 +46,8 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "vllm")
-# Measured on a shared 2-core CPU with the embedded base model's shape (`benchmark`, 128 new tokens):
+# Measured on a shared 2-core CPU with the embedded base model's shape, timed as benchmarks/pipeline_speed.py times
+# generation (one batch per size, 128 new tokens):
 # ~120 tokens/s at batch 1, ~870 at 16, ~1,360 at 32, ~1,440 at 64, ~2,160 at 128. Past 32 the gain shrinks
 # while padding waste grows when responses end at different lengths; recipes set their own.
 DEFAULT_BATCH_SIZE = 32
@@ -514,20 +515,3 @@ def load(name_or_path: str, backend: str = "transformers", *, device: str = "aut
         kwargs["max_model_len"] = max_model_len
     return vllm.LLM(**kwargs), tokenizer
 
-
-# --- measurement -------------------------------------------------------------------------------------------
-
-
-def benchmark(model: Any, tokenizer: Any, prompts: Sequence[str], batch_sizes: Sequence[int],
-              max_new_tokens: int = 128, seed: int = 0) -> list[dict[str, float]]:
-    """Tokens per second of `generate` at each batch size (one batch per size, full length, no EOS cut)."""
-    rows = []
-    for size in batch_sizes:
-        batch = [prompts[i % len(prompts)] for i in range(size)]
-        start = time.perf_counter()
-        samples = generate(model, tokenizer, batch, max_new_tokens=max_new_tokens, batch_size=size, seed=seed,
-                           progress=False)
-        elapsed = time.perf_counter() - start
-        tokens = sum(s.n_tokens for per in samples for s in per)
-        rows.append({"batch_size": size, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed})
-    return rows
