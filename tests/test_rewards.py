@@ -385,6 +385,17 @@ def test_batch_metrics_are_logged_through_trl(tokenizer):
     assert logged["selfbudgeter/accuracy"] == pytest.approx(2 / 3)  # both well-formed answers are right
 
 
+def test_training_logs_use_the_one_tolerance_test(tokenizer, monkeypatch):
+    # within_20 in the GRPO logs is metrics.within_tolerance, the same test evaluation and the report use
+    seen = []
+    monkeypatch.setattr(rewards, "within_tolerance", lambda length, budget: seen.append((length, budget)) or True)
+    logged = {}
+    completions = [render_response(10, solution(10)), render_response(10, solution(30))]
+    call_all(make_reward_funcs(tokenizer), completions, log_metric=lambda name, value: logged.setdefault(name, value))
+    assert len(seen) == 2 and all(budget == 10 for _, budget in seen)
+    assert logged["selfbudgeter/within_20"] == 1.0
+
+
 # --- baselines --------------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from . import grading
 from .errors import UserError
 from .format import DEFAULT_MAX_BUDGET, FormatError, render_prefill, token_length, try_parse
+from .metrics import within_tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def _log_budget_metrics(log_metric: Callable[[str, float], None], scored: Sequen
     log_metric("selfbudgeter/accuracy", sum(s.correct for s in scored) / len(scored))
     if ok:
         log_metric("selfbudgeter/mean_budget", sum(s.budget for s in ok) / len(ok))
-        within = sum(abs(s.length - s.budget) <= 0.2 * s.budget for s in ok)
+        within = sum(within_tolerance(s.length, s.budget) for s in ok)
         log_metric("selfbudgeter/within_20", within / len(ok))
 
 
