@@ -95,15 +95,28 @@ SELFBUDGETER = {"n": 400, "accuracy": 0.970, "mean_tokens": 62.8, "compression":
                 "baseline": "base", "control": [{"multiplier": m} for m in (1.0, 0.5, 2.0)]}
 
 
-def test_table_says_no_budget_for_the_base_model():
-    rows = demo._table({"base": BASE, "selfbudgeter": SELFBUDGETER}).splitlines()
-    base, trained = rows[1].split(), rows[2].split()
-    assert base[:4] == ["base", "0.978", "165.200", "0.000"]
-    assert " ".join(base[4:]) == " ".join(["no budget"] * len(demo.BUDGET_COLUMNS))
-    assert trained[-1] == "0.010"  # a budgeted model's format failures stay numbers
-    # A model that was asked for budgets and broke every format keeps its 1.000: that is a real failure.
+def test_table_says_no_budget_for_the_base_model(tmp_path, monkeypatch, capsys):
+    # main prints the report's own table (report.table_rows), so the demo, `eval` and report.md agree
+    from selfbudgeter import report
+
+    def finished(args):
+        (args.out / "report").mkdir(parents=True, exist_ok=True)
+        (args.out / "report" / "timings.json").write_text(json.dumps({"wall_seconds": 60.0}))
+        return {"base": BASE, "selfbudgeter": SELFBUDGETER}
+
+    monkeypatch.setattr(demo, "run", finished)
+    assert demo.main(["--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    rows = report.table_rows({"base": BASE, "selfbudgeter": SELFBUDGETER})
+    header, base, trained = rows
+    budget_cells = [cell for (_, key), cell in zip(report.COLUMNS, base) if key in report.BUDGET_COLUMNS]
+    assert base[:4] == ["base", "97.8%", "165", "0.0%"]
+    assert budget_cells == ["no budgets"] * len(report.BUDGET_COLUMNS) == base[4:]
+    assert trained[-1] == "1.0%"  # a budgeted model's format failures stay numbers
+    assert "SelfBudgeter demo" in printed and all(cell in printed for row in rows for cell in row)
+    # A model that was asked for budgets and broke every format keeps its 100%: that is a real failure.
     broken = {**SELFBUDGETER, "format_failure_rate": 1.0, "format_failures": {"missing_close": {"count": 400}}}
-    assert demo._table({"broken": broken}).splitlines()[1].split()[-1] == "1.000"
+    assert report.table_rows({"broken": broken})[1][-1] == "100.0%"
 
 
 @pytest.mark.parametrize(

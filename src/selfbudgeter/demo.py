@@ -201,45 +201,20 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .report import print_table, table_rows
+
     args = make_parser().parse_args(argv)
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     metrics = run(args)
     report = args.out / "report" / "report.md"
-    print(_table(metrics))
+    print_table(table_rows(metrics), "SelfBudgeter demo")
     print(f"\nreport: {report}\nmetrics: {args.out / 'report' / 'metrics.json'}")
     total = json.loads((args.out / "report" / "timings.json").read_text())["wall_seconds"]
     print(f"total wall time: {total / 60:.1f} min")
     print("\n" + summary(metrics, args.out / "report"))
     return 0
-
-
-# Columns that only mean something for a model that writes budgets.
-BUDGET_COLUMNS = ("within_20", "length_budget_slope", "spearman_budget_difficulty", "control_slope",
-                  "format_failure_rate")
-
-
-def _never_budgets(entry: dict) -> bool:
-    """A model that was not asked for the budget format (the base): every response "missing_budget"."""
-    failures = entry.get("format_failures") or {}
-    return entry.get("format_failure_rate") == 1 and set(failures) <= {"missing_budget"}
-
-
-def _table(metrics: dict) -> str:
-    cols = ("accuracy", "mean_tokens", "compression", *BUDGET_COLUMNS)
-    lines = ["model".ljust(18) + "".join(c[:12].rjust(13) for c in cols)]
-    for name, entry in metrics.items():
-        cells = []
-        for c in cols:
-            v = entry.get(c)
-            if c in BUDGET_COLUMNS and _never_budgets(entry):
-                text = "no budget"
-            else:
-                text = "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-            cells.append(text.rjust(13))
-        lines.append(name.ljust(18) + "".join(cells))
-    return "\n".join(lines)
 
 
 def _number(entry: dict, key: str) -> float | None:
@@ -288,11 +263,13 @@ def summary(metrics: dict, report_dir: Path) -> str:
     """The demo's closing paragraph: what the table showed, in words, and where the plots are."""
     import textwrap
 
+    from .report import never_budgets
+
     base_name = next((e.get("baseline") for e in metrics.values() if isinstance(e, dict) and e.get("baseline")),
                      "base")
     base = metrics.get(base_name) if isinstance(metrics.get(base_name), dict) else None
     sentences = []
-    if base is not None and _never_budgets(base) and _number(base, "mean_tokens") is not None:
+    if base is not None and never_budgets(base) and _number(base, "mean_tokens") is not None:
         sentences.append(f"The base model, not asked for budgets, wrote {_number(base, 'mean_tokens'):.0f} tokens "
                          "per answer on average.")
     names = [n for n in ("selfbudgeter", LONG) if n in metrics] or [n for n in metrics if n != base_name]

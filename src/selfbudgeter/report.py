@@ -176,6 +176,9 @@ COLUMNS = (
     ("format failures", "format_failure_rate"),
 )
 _PERCENT = {"accuracy", "compression", "within_20", "format_failure_rate"}
+# Columns that only mean something for a model that writes budgets.
+BUDGET_COLUMNS = ("within_20", "length_budget_slope", "spearman_budget_difficulty", "control_slope",
+                  "format_failure_rate")
 
 
 def _cell(key: str, value: Any) -> str:
@@ -189,16 +192,17 @@ def _cell(key: str, value: Any) -> str:
 
 
 def table_rows(summaries: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
-    """The results table as strings: a header row, then one row per run."""
+    """The results table as strings: a header row, then one row per run (and per decoder of a run); a model
+    that never wrote budgets reads "no budgets" in every budget column."""
     rows = [[title for title, _ in COLUMNS]]
     for name, summary in summaries.items():
         parts = [(name, summary)]
         parts += [(decoder_label(name, decoder), part) for decoder, part in (summary.get("decoders") or {}).items()]
         for label, part in parts:
-            row = [label] + [_cell(key, part.get(key)) for _, key in COLUMNS[1:]]
-            if never_budgets(part):
-                row[-1] = "no budgets"  # a base or baseline model is not asked to write the format
-            rows.append(row)
+            # A base or baseline model is not asked to write the format: its budget columns say so.
+            blank = never_budgets(part)
+            rows.append([label] + ["no budgets" if blank and key in BUDGET_COLUMNS else _cell(key, part.get(key))
+                                   for _, key in COLUMNS[1:]])
     return rows
 
 
