@@ -106,6 +106,21 @@ def test_missing_dataset_is_a_user_error(tmp_path):
         sft.load_sft_rows(None)
 
 
+@pytest.mark.parametrize("spelling", ["null", "none", "~", ""])
+def test_dataset_null_means_none_given(spelling):
+    # the one null spelling (config.nullable): `--dataset null` is no dataset, not a file named "null"
+    assert sft.SFTStageArgs(dataset=spelling).dataset is None
+    with pytest.raises(UserError, match="--dataset"):
+        sft.sft_file(sft.SFTStageArgs(dataset=spelling).dataset)
+
+
+def test_sft_file_takes_the_file_or_its_folder(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    assert sft.sft_file(tmp_path) == sft.sft_file(tmp_path / "train.jsonl") == tmp_path / "train.jsonl"
+    with pytest.raises(UserError, match="build-sft"):
+        sft.sft_file(tmp_path / "elsewhere")
+
+
 def test_recipe_forces_cpu_and_takes_overrides(tmp_path, sft_rows, tiny_model_dir):
     stage, config = _args(tiny_model_dir, sft_rows, tmp_path / "out", "--max_rows", "5")
     assert stage.max_rows == 5 and stage.model == str(tiny_model_dir)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .config import nullable
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class SFTStageArgs:
         default=None, metadata={"help": "build-sft's train.jsonl, or the folder holding it"}
     )
     max_rows: int | None = field(default=None, metadata={"help": "train on the first N rows only"})
+
+    def __post_init__(self) -> None:
+        self.dataset = nullable(self.dataset)  # `--dataset null` (or none, ~, empty): none given, as in every stage
 
 
 def cpu_only() -> bool:
@@ -85,14 +89,12 @@ def strip_template_bos(tokenizer: Any, text: str) -> str:
 
 
 def sft_file(dataset: str | os.PathLike | None) -> Path:
+    """build-sft's train.jsonl: `dataset` itself, or the train.jsonl in the folder `dataset`."""
+    from .data import file_or_folder
+
     if dataset is None:
         raise UserError("no --dataset: give build-sft's train.jsonl or the folder holding it")
-    path = Path(dataset).expanduser()
-    if path.is_dir():
-        path = path / "train.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: no such file (build it with `selfbudgeter build-sft`)")
-    return path
+    return file_or_folder(dataset, "train.jsonl", "build it with `selfbudgeter build-sft`")
 
 
 def load_sft_rows(dataset: str | os.PathLike | None, max_rows: int | None = None) -> list[dict[str, str]]:
