@@ -12,7 +12,7 @@ On N questions of the embedded test split it measures
 
     .venv/bin/python benchmarks/generator_latency.py [--model DIR] [--n 20] [--out results.json]
 
-The model defaults to the shipped base (src/selfbudgeter/assets/base) when present, else a randomly
+The model defaults to the shipped base (src/selfbudgeter/embedded/assets/base) when present, else a randomly
 initialised model of the same size (timings are then real, answers are not).
 """
 
@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from selfbudgeter.data import load_benchmark
-from selfbudgeter.embedded import BASE_MODEL_DIR
-from selfbudgeter.generator import BudgetGenerator, FinalEvent, GenerationRequest, TextEvent
-from selfbudgeter.grading import is_correct
+from selfbudgeter.embedded.model import BASE_MODEL_DIR
+from selfbudgeter.serving.generator import BudgetGenerator, FinalEvent, GenerationRequest, TextEvent
+from selfbudgeter.core.grading import is_correct
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -54,8 +54,8 @@ def load(args: argparse.Namespace) -> tuple[BudgetGenerator, str]:
         return BudgetGenerator.from_pretrained(name, device=args.device), name
     import torch
 
-    from selfbudgeter.embedded import build_model, build_tokenizer
-    from selfbudgeter.models import pick_device
+    from selfbudgeter.embedded.model import build_model, build_tokenizer
+    from selfbudgeter.core.models import pick_device
 
     tokenizer = build_tokenizer()
     tokenizer.padding_side = "left"

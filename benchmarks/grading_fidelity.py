@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfbudgeter.data import Row, load_benchmark
-from selfbudgeter.grading import grade, parse_number
+from selfbudgeter.core.grading import grade, parse_number
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"

@@ -1,6 +1,6 @@
 """Pipeline speed: tokens/s of each stage of `make demo`, its share of the demo and its ratio to this machine.
 
-On the embedded base model (src/selfbudgeter/assets/base) it runs, small but with the demo's own settings
+On the embedded base model (src/selfbudgeter/embedded/assets/base) it runs, small but with the demo's own settings
 (the packaged embedded recipes):
 
 * profile generation: `generation.generate` on training questions (profile recipe: samples, batch, length);
@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfbudgeter.config import load_recipe, resolve_recipe
-from selfbudgeter.embedded import BASE_MODEL_DIR
-from selfbudgeter.report import environment
+from selfbudgeter.core.config import load_recipe, resolve_recipe
+from selfbudgeter.embedded.model import BASE_MODEL_DIR
+from selfbudgeter.evaluation.report import environment
 
 STAGES = ("profile", "sft", "grpo", "eval")
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -99,7 +99,7 @@ def matmul_flops(size: int, clock: str, rounds: int = 3, reps: int = 8) -> float
 
 def timed_generation(model, tokenizer, questions, cfg: dict[str, Any], seed: int, desc: str) -> dict[str, Any]:
     from selfbudgeter.data import prompt_text
-    from selfbudgeter.generation import generate
+    from selfbudgeter.evaluation.generation import generate
 
     prompts = [prompt_text(tokenizer, q.question, system_prompt=None) for q in questions]
     n = int(cfg.get("samples", 1))
@@ -192,8 +192,8 @@ class StepClock:
 
 def sft_steps(samples, questions, tokenizer, steps: int, work: Path, seed: int) -> dict[str, Any]:
     from selfbudgeter.data import prompt_text, write_jsonl
-    from selfbudgeter.format import render_response
-    from selfbudgeter.sft import parse_args, run_sft
+    from selfbudgeter.core.format import render_response
+    from selfbudgeter.training.sft import parse_args, run_sft
 
     rows = []
     for question, per in zip(questions, samples):
@@ -217,7 +217,7 @@ def sft_steps(samples, questions, tokenizer, steps: int, work: Path, seed: int) 
 
 def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, seed: int) -> dict[str, Any]:
     from selfbudgeter.data import write_jsonl
-    from selfbudgeter.grpo import parse_args, run_grpo
+    from selfbudgeter.training.grpo import parse_args, run_grpo
 
     profile = [{"id": q.id, "b_max": float(max(s.n_tokens for s in per))} for q, per in zip(questions, samples)]
     write_jsonl(work / "profile" / "questions.jsonl", profile)
@@ -243,7 +243,7 @@ def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, se
 
 def demo_workload() -> dict[str, float]:
     """Units of each stage in a default `selfbudgeter demo`: generated rows, SFT steps, GRPO steps."""
-    from selfbudgeter.demo import make_parser as demo_parser
+    from selfbudgeter.embedded.demo import make_parser as demo_parser
 
     demo = demo_parser().parse_args([])
     profile, sft, grpo, evaluation = recipe("profile"), recipe("sft"), recipe("grpo"), recipe("eval")
@@ -303,13 +303,13 @@ def report(results: dict[str, dict[str, Any]], params: int, peak: float, workloa
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     if args.allocator == "tuned":
-        from selfbudgeter.runtime import tune_allocator
+        from selfbudgeter.core.runtime import tune_allocator
 
         tune_allocator()
     import torch
 
     from selfbudgeter.data import load_benchmark
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

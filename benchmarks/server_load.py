@@ -1,7 +1,7 @@
 """Server load: N concurrent streaming chat requests through the HTTP server vs the same requests on the library.
 
 Both runs use one BudgetGenerator over the embedded-size model (the shipped base at
-src/selfbudgeter/assets/base when present, else a randomly initialised model of the same size), the same
+src/selfbudgeter/embedded/assets/base when present, else a randomly initialised model of the same size), the same
 questions (the embedded task's test split) and the same per-request seeds, so the difference is the cost of
 the server: HTTP, JSON, SSE and the asyncio bridge. The server runs as `selfbudgeter serve` does (uvicorn
 in the generator's process, on 127.0.0.1); the load comes from the official `openai` client (AsyncOpenAI,
@@ -76,8 +76,8 @@ class Run:
 
 
 def load_generator(model: str | None, device: str, max_batch_size: int):
-    from selfbudgeter import embedded
-    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.embedded import model as embedded
+    from selfbudgeter.serving.generator import BudgetGenerator
 
     if model is None and (embedded.BASE_MODEL_DIR / "config.json").exists():
         model = str(embedded.BASE_MODEL_DIR)
@@ -91,7 +91,7 @@ def load_generator(model: str | None, device: str, max_batch_size: int):
 
 
 def make_requests(n: int, budget: int | None, max_tokens: int) -> list[dict]:
-    from selfbudgeter import task
+    from selfbudgeter.embedded import task
 
     rows = task.load_split("test")
     return [
@@ -101,7 +101,7 @@ def make_requests(n: int, budget: int | None, max_tokens: int) -> list[dict]:
 
 
 async def run_library(generator, requests: list[dict]) -> Run:
-    from selfbudgeter.generator import BudgetEvent, FinalEvent, GenerationRequest
+    from selfbudgeter.serving.generator import BudgetEvent, FinalEvent, GenerationRequest
 
     run = Run("library", requests=len(requests))
 
@@ -158,7 +158,7 @@ async def run_server(base_url: str, requests: list[dict]) -> Run:
 def start_server(generator, concurrency: int):
     import uvicorn
 
-    from selfbudgeter.server import ServerConfig, create_app
+    from selfbudgeter.serving.server import ServerConfig, create_app
 
     config = ServerConfig(served_model_name="load", max_concurrent=max(64, concurrency))
     server = uvicorn.Server(uvicorn.Config(create_app(generator, config), host="127.0.0.1", port=0,

@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     random.seed(args.seed)
     if args.model is None:
-        from selfbudgeter.embedded import BASE_MODEL_DIR
+        from selfbudgeter.embedded.model import BASE_MODEL_DIR
 
         args.model = str(BASE_MODEL_DIR)
     command = " ".join([Path(sys.executable).name, *sys.argv])

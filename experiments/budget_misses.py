@@ -20,8 +20,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from selfbudgeter.errors import UserError
-from selfbudgeter.report import load_records
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.evaluation.report import load_records
 
 COLUMNS = ("n", "within ±20%", "under", "over", "budget", "needed", "filler", "filler~slack r", "slope")
 # How each column prints; the others are mean token counts, "{:.1f}".

@@ -18,12 +18,12 @@ import re
 import sys
 from pathlib import Path
 
-from selfbudgeter import task
+from selfbudgeter.embedded import task
 from selfbudgeter.data import load_benchmark, prompt_text
-from selfbudgeter.embedded import BASE_MODEL_DIR
-from selfbudgeter.format import render_prefill, token_length
-from selfbudgeter.generation import generate
-from selfbudgeter.models import load_model
+from selfbudgeter.embedded.model import BASE_MODEL_DIR
+from selfbudgeter.core.format import render_prefill, token_length
+from selfbudgeter.evaluation.generation import generate
+from selfbudgeter.core.models import load_model
 
 PREFIXES = {"plain": "", "budget tag": render_prefill(140), "neutral sentence": "Okay, let me think it over.\n"}
 BOXED = re.compile(r"\\boxed\{(-?\d+)\}")

@@ -16,10 +16,10 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from selfbudgeter.errors import UserError
-from selfbudgeter.format import BUDGET_OPEN, FormatError, try_parse
-from selfbudgeter.report import load_records
-from selfbudgeter.task import ERROR_KINDS, first_error, load_split, parse_question
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.core.format import BUDGET_OPEN, FormatError, try_parse
+from selfbudgeter.evaluation.report import load_records
+from selfbudgeter.embedded.task import ERROR_KINDS, first_error, load_split, parse_question
 
 BROKEN = "broken format"  # a response that opens a budget tag but does not parse
 

@@ -17,9 +17,9 @@ import random
 import statistics
 from pathlib import Path
 
-from selfbudgeter import task
+from selfbudgeter.embedded import task
 from selfbudgeter.data import prompt_text, write_jsonl
-from selfbudgeter.format import render_response, token_length, try_parse
+from selfbudgeter.core.format import render_response, token_length, try_parse
 
 
 def main() -> int:
@@ -35,9 +35,9 @@ def main() -> int:
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
-    from selfbudgeter import sft
-    from selfbudgeter.generation import generate
-    from selfbudgeter.models import load_model
+    from selfbudgeter.training import sft
+    from selfbudgeter.evaluation.generation import generate
+    from selfbudgeter.core.models import load_model
 
     tok = AutoTokenizer.from_pretrained(args.base)
     rng = random.Random(0)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfbudgeter.report import environment
+from selfbudgeter.evaluation.report import environment
 
 # name -> (what it changes, overrides of embedded/grpo). "recipe" is the demo's own GRPO run, read from the demo.
 VARIANTS: dict[str, tuple[str, list[str]]] = {

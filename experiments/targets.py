@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfbudgeter.metrics import summarize
-from selfbudgeter.report import environment, load_records
+from selfbudgeter.core.metrics import summarize
+from selfbudgeter.evaluation.report import environment, load_records
 
 # name -> (what it measures, the bound, True if the value must be at least the bound).
 TARGETS = {

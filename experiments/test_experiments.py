@@ -12,8 +12,8 @@ from types import ModuleType
 
 import pytest
 
-from selfbudgeter import task
-from selfbudgeter.format import render_response
+from selfbudgeter.embedded import task
+from selfbudgeter.core.format import render_response
 
 HERE = Path(__file__).resolve().parent
 _PROBLEM = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))

@@ -46,7 +46,7 @@ def embedded_tokenizer():
     """The shipped base model's tokenizer (the one every embedded length is counted in)."""
     from transformers import AutoTokenizer
 
-    from selfbudgeter.embedded import BASE_MODEL_DIR
+    from selfbudgeter.embedded.model import BASE_MODEL_DIR
 
     return AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
 
@@ -54,7 +54,7 @@ def embedded_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, embedded_tokenizer) -> Path:
     """A randomly initialised, very small Llama with the embedded tokenizer, saved as a HF directory."""
-    from selfbudgeter.embedded import BaseTrainConfig, build_model
+    from selfbudgeter.embedded.model import BaseTrainConfig, build_model
 
     out = tmp_path_factory.mktemp("tiny-model")
     cfg = BaseTrainConfig(hidden_size=32, layers=2, heads=2, intermediate_size=64, max_positions=512)

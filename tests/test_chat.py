@@ -154,9 +154,9 @@ def test_the_summary_measures_the_solution_as_training_does(embedded_tokenizer, 
     from rich.console import Console
     from test_generator import CONTENT, scripted_model
 
-    from selfbudgeter import format as fmt
-    from selfbudgeter.chat import make_parser, run_interactive
-    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.core import format as fmt
+    from selfbudgeter.serving.chat import make_parser, run_interactive
+    from selfbudgeter.serving.generator import BudgetGenerator
 
     length = fmt.token_length(embedded_tokenizer, CONTENT)
     args = make_parser().parse_args(["--model", "scripted", "--yes", "--temperature", "0"])

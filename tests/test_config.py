@@ -11,8 +11,8 @@ from typing import Literal
 
 import pytest
 
-from selfbudgeter.config import NULLS, nullable, packaged_recipes, parse_config, resolve_recipe
-from selfbudgeter.errors import UserError
+from selfbudgeter.core.config import NULLS, nullable, packaged_recipes, parse_config, resolve_recipe
+from selfbudgeter.core.errors import UserError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def test_a_recipe_extends_another_and_changes_only_its_own_keys(tmp_path):
     cfg = parse(tmp_path, f"extends: {tmp_path / 'middle.yaml'}\nmodel: child\n", "--samples", "7")
     assert (cfg.samples, cfg.lr, cfg.model) == (7, 0.25, "child")
     # A packaged recipe by name (eval's, which Toy cannot read): its keys, the child's on top.
-    from selfbudgeter.evaluate import EvalConfig
+    from selfbudgeter.evaluation.evaluate import EvalConfig
 
     child = tmp_path / "eval.yaml"
     child.write_text("extends: embedded/eval\nsamples: 2\n")
@@ -140,7 +140,7 @@ def test_packaged_recipes_resolve_by_name():
         resolve_recipe("/no/such/recipe.yaml")
 
 
-@pytest.mark.parametrize("module", ["profile", "sft_data", "grpo", "evaluate"])
+@pytest.mark.parametrize("module", ["training.profile", "training.sft_data", "training.grpo", "evaluation.evaluate"])
 def test_every_stage_recipe_and_help(module, capsys):
     stage = importlib.import_module(f"selfbudgeter.{module}")
     with pytest.raises(SystemExit) as exit_:
@@ -152,8 +152,8 @@ def test_every_stage_recipe_and_help(module, capsys):
 
 @pytest.mark.parametrize("recipe", [r for r in packaged_recipes() if r.endswith(("/profile", "/eval"))])
 def test_packaged_profile_and_eval_recipes_parse(recipe):
-    from selfbudgeter.evaluate import EvalConfig
-    from selfbudgeter.profile import ProfileConfig
+    from selfbudgeter.evaluation.evaluate import EvalConfig
+    from selfbudgeter.training.profile import ProfileConfig
 
     config_type = ProfileConfig if recipe.endswith("/profile") else EvalConfig
     (cfg,) = parse_config((config_type,), ["--config", recipe], "stage", "")
@@ -161,7 +161,8 @@ def test_packaged_profile_and_eval_recipes_parse(recipe):
 
 
 # Every stage whose prompts carry a system prompt: its command name -> its module, whose parse_args reads argv.
-PROMPT_STAGES = {"profile": "profile", "build-sft": "sft_data", "grpo": "grpo", "eval": "evaluate"}
+PROMPT_STAGES = {"profile": "training.profile", "build-sft": "training.sft_data", "grpo": "training.grpo",
+                 "eval": "evaluation.evaluate"}
 
 
 def stage_options(stage: str, argv: list[str]):

@@ -30,8 +30,8 @@ from selfbudgeter.data import (  # noqa: E402
     read_jsonl,
     write_jsonl,
 )
-from selfbudgeter.errors import UserError  # noqa: E402
-from selfbudgeter.grading import is_correct  # noqa: E402
+from selfbudgeter.core.errors import UserError  # noqa: E402
+from selfbudgeter.core.grading import is_correct  # noqa: E402
 
 
 
@@ -150,9 +150,9 @@ def test_embedded_calls_the_task_module(monkeypatch):
         calls.append(split)
         return [Row(f"e{i}", f"{i}+1?", str(i + 1), source="embedded") for i in range(5)]
 
-    fake = types.ModuleType("selfbudgeter.task")
+    fake = types.ModuleType("selfbudgeter.embedded.task")
     fake.load_split = load_split
-    monkeypatch.setitem(sys.modules, "selfbudgeter.task", fake)
+    monkeypatch.setitem(sys.modules, "selfbudgeter.embedded.task", fake)
     monkeypatch.setattr(selfbudgeter, "task", fake, raising=False)
     rows = load_benchmark("embedded", "validation", limit=2)
     assert calls == ["validation"]
@@ -224,7 +224,8 @@ def test_the_package_has_no_import_cycle():
     """Not even through an import inside a function: data.py reads the embedded task by name (`TASKS`)."""
     graph = import_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
-    assert "selfbudgeter.task" not in graph["selfbudgeter.data"] and "selfbudgeter.data" in graph["selfbudgeter.task"]
+    task = "selfbudgeter.embedded.task"
+    assert task not in graph["selfbudgeter.data"] and "selfbudgeter.data" in graph[task]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ("a", "b", "c", "a")
 
 

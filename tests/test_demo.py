@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from selfbudgeter import demo
+from selfbudgeter.embedded import demo
 
 
 def _args(tmp_path, *extra):
@@ -76,7 +76,7 @@ def _fake_report(out):
 
 
 def test_stage_failure_is_an_error(monkeypatch):
-    import selfbudgeter.profile as profile
+    import selfbudgeter.training.profile as profile
 
     monkeypatch.setattr(profile, "main", lambda argv: 3)
     with pytest.raises(RuntimeError, match="exited with 3"):
@@ -97,7 +97,7 @@ SELFBUDGETER = {"n": 400, "accuracy": 0.970, "mean_tokens": 62.8, "compression":
 
 def test_table_says_no_budget_for_the_base_model(tmp_path, monkeypatch, capsys):
     # main prints the report's own table (report.table_rows), so the demo, `eval` and report.md agree
-    from selfbudgeter import report
+    from selfbudgeter.evaluation import report
 
     def finished(args):
         (args.out / "report").mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from selfbudgeter import embedded, task
-from selfbudgeter.format import TAGS, parse_response, render_prefill, render_response
+from selfbudgeter.embedded import model as embedded, task
+from selfbudgeter.core.format import TAGS, parse_response, render_prefill, render_response
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def test_shipped_base_model_answers_in_its_format():
 
     from selfbudgeter.data import prompt_text
 
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model("embedded", device="cpu")
     row = task.load_split("test")[0]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from selfbudgeter import evaluate as ev
-from selfbudgeter.errors import UserError
-from selfbudgeter.evaluate import EvalConfig, control_budget, evaluate
-from selfbudgeter.format import render_prefill, render_response, token_length
-from selfbudgeter.generation import Sample
+from selfbudgeter.evaluation import evaluate as ev
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.evaluation.evaluate import EvalConfig, control_budget, evaluate
+from selfbudgeter.core.format import render_prefill, render_response, token_length
+from selfbudgeter.evaluation.generation import Sample
 
 RECORD_KEYS = {"id", "difficulty", "gold", "response", "prefill_budget", "control_multiplier", "budget", "length",
                "format_ok", "format_error", "correct", "grading_error", "predicted", "sample", "decoder", "forced"}
@@ -182,7 +182,7 @@ def test_bad_config_values(overrides, message):
 
 
 def test_cli_reads_an_empty_multiplier_list_from_yaml(tmp_path):
-    from selfbudgeter.config import parse_config
+    from selfbudgeter.core.config import parse_config
 
     recipe = tmp_path / "eval.yaml"
     recipe.write_text("control_multipliers: []\nsystem_prompt: null\n")
@@ -191,7 +191,7 @@ def test_cli_reads_an_empty_multiplier_list_from_yaml(tmp_path):
 
 
 def test_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path, tiny_model_dir):
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model(tiny_model_dir, device="cpu")
     runs = []
@@ -210,7 +210,7 @@ def test_rerun_with_the_same_seed_gives_the_same_numbers(tmp_path, tiny_model_di
 
 
 def test_records_carry_what_their_task_measures_the_embedded_filler(embedded_tokenizer):
-    from selfbudgeter import task
+    from selfbudgeter.embedded import task
 
     row = task.load_split("test")[0]
     solution = task.minimal_solution(task.parse_question(row.question))
@@ -461,9 +461,9 @@ def test_truncate_tokens_cuts_in_the_one_length(embedded_tokenizer):
 def test_decoders_on_the_embedded_model(embedded_tokenizer):
     """The real sampler on the tiny embedded base model: the cap answers every over-long solution within its
     limit plus the forced answer, and an extension continues a closed solution after the extension text."""
-    from selfbudgeter import task
+    from selfbudgeter.embedded import task
     from selfbudgeter.data import prompt_text
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model("embedded", device="cpu", dtype="float32")
     rows = task.load_split("validation")[:3]
@@ -513,7 +513,7 @@ def test_bad_decoder_values(overrides, message):
 
 
 def test_every_eval_recipe_loads_with_the_new_keys():
-    from selfbudgeter.config import parse_config
+    from selfbudgeter.core.config import parse_config
 
     for recipe in ("embedded/eval", "deepseek-r1-distill-qwen-1.5b/eval", "deepseek-r1-distill-qwen-7b/eval"):
         (cfg,) = parse_config((EvalConfig,), ["--config", recipe], "eval", "")

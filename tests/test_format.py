@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from selfbudgeter.format import (
+from selfbudgeter.core.format import (
     DEFAULT_MAX_BUDGET,
     TAGS,
     BudgetEvent,

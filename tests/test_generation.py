@@ -10,8 +10,8 @@ import importlib.util
 import pytest
 import torch
 
-from selfbudgeter.errors import UserError
-from selfbudgeter.generation import SeededSampler, generate, row_uniforms, sample_seed, top_p_filter
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.evaluation.generation import SeededSampler, generate, row_uniforms, sample_seed, top_p_filter
 
 QUESTIONS = [
     "Start with 3. 1) add 4. What is the final number?",
@@ -22,7 +22,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     return load_model(tiny_model_dir, device="cpu")
 
@@ -192,7 +192,7 @@ def test_vllm_path_passes_token_ids_seeds_and_reads_finish_reasons(tiny, prompts
 
 def test_dropping_finished_rows_changes_no_sample(tiny, prompts, monkeypatch):
     """Rows that stopped leave the batch (`_decode` restarts `generate` on the others); samples stay the same."""
-    import selfbudgeter.generation as generation
+    import selfbudgeter.evaluation.generation as generation
 
     model, tok = tiny
     # A random model rarely ends a turn: let a tenth of the vocabulary end it, so rows stop at different steps.

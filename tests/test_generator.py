@@ -17,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from selfbudgeter import format as fmt  # noqa: E402
-from selfbudgeter.errors import UserError  # noqa: E402
-from selfbudgeter.generator import (  # noqa: E402
+from selfbudgeter.core import format as fmt  # noqa: E402
+from selfbudgeter.core.errors import UserError  # noqa: E402
+from selfbudgeter.serving.generator import (  # noqa: E402
     BudgetEvent,
     BudgetGenerator,
     FinalEvent,
@@ -356,7 +356,7 @@ def test_a_seed_reproduces_the_output(tiny):
 @pytest.fixture(scope="module")
 def unsuppressed(tiny_model_dir):
     """The tiny model as `eval` loads it, and a generator on it (EOS not suppressed: eval does not either)."""
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model(tiny_model_dir, device="cpu")
     with BudgetGenerator(model, tokenizer, warmup=False) as gen:
@@ -368,7 +368,7 @@ def unsuppressed(tiny_model_dir):
     [(20, 1.0, 1.0, 0), (20, 0.7, 0.9, 123), (None, 1.2, 0.95, 2**63 - 1), (7, 0.0, 1.0, 5), (20, 1e-45, 1.0, 9)],
 )
 def test_the_same_seed_gives_the_same_text_in_eval_and_serve(unsuppressed, budget, temperature, top_p, seed):
-    from selfbudgeter import generation
+    from selfbudgeter.evaluation import generation
     from selfbudgeter.data import prompt_text
 
     model, tokenizer, gen = unsuppressed
@@ -516,8 +516,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
 
 
 def test_every_special_token_of_a_chatml_tokenizer_is_plain_text():
-    from selfbudgeter.embedded import BASE_MODEL_DIR
-    from selfbudgeter.generator import BudgetGeneratorBase
+    from selfbudgeter.embedded.model import BASE_MODEL_DIR
+    from selfbudgeter.serving.generator import BudgetGeneratorBase
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
     tokenizer.add_special_tokens({"additional_special_tokens": FOREIGN_SPECIALS})
@@ -609,7 +609,7 @@ def test_tags_never_reach_the_text_after_a_format_error(embedded_tokenizer):
     ],
 )
 def test_tag_filter(pieces, text):
-    from selfbudgeter.generator import _TagFilter
+    from selfbudgeter.serving.generator import _TagFilter
 
     tags = _TagFilter()
     assert "".join(tags.feed(piece) for piece in pieces) == text  # what is held back at the end is dropped

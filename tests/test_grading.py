@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from selfbudgeter import grading
-from selfbudgeter.grading import (
+from selfbudgeter.core import grading
+from selfbudgeter.core.grading import (
     Grade,
     GradingError,
     answers_match,
@@ -268,6 +268,6 @@ def test_grading_in_spawned_processes():
 
 
 def test_import_is_light():
-    code = "import sys, selfbudgeter.grading; print('sympy' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, selfbudgeter.core.grading; print('sympy' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

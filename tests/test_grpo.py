@@ -11,12 +11,12 @@ import math
 
 import pytest
 
-from selfbudgeter import grpo
-from selfbudgeter.config import packaged_recipes
+from selfbudgeter.training import grpo
+from selfbudgeter.core.config import packaged_recipes
 from selfbudgeter.data import Row, prompt_text
-from selfbudgeter.errors import UserError
-from selfbudgeter.format import render_prefill
-from selfbudgeter.sft import cpu_only, last_checkpoint
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.core.format import render_prefill
+from selfbudgeter.training.sft import cpu_only, last_checkpoint
 
 
 def _questions(n: int) -> list[Row]:
@@ -162,7 +162,7 @@ def test_bad_options_are_user_errors(option, message):
 
 @pytest.mark.parametrize("recipe", ["embedded/grpo", "embedded/grpo_accuracy", "embedded/grpo_kimi_length"])
 def test_embedded_recipes_share_their_training_numbers(recipe):
-    from selfbudgeter.rewards import build_reward_funcs
+    from selfbudgeter.training.rewards import build_reward_funcs
 
     stage, reward_cfg, config = grpo.parse_args(["--config", recipe])
     _, _, reference = grpo.parse_args(["--config", "embedded/grpo"])
@@ -178,7 +178,7 @@ def test_embedded_recipes_share_their_training_numbers(recipe):
 
 @pytest.mark.parametrize("recipe", [name for name in packaged_recipes() if "/grpo" in name])
 def test_every_packaged_grpo_recipe_parses_and_names_known_rewards(recipe):
-    from selfbudgeter.rewards import build_reward_funcs
+    from selfbudgeter.training.rewards import build_reward_funcs
 
     stage, reward_cfg, config = grpo.parse_args(["--config", recipe])
     assert (config.max_steps > 0 or config.num_train_epochs > 0) and stage.model

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfbudgeter import grpo
+from selfbudgeter.training import grpo
 from selfbudgeter.data import prompt_text
-from selfbudgeter.format import FormatError, render_prefill, render_response, token_length, try_parse
+from selfbudgeter.core.format import FormatError, render_prefill, render_response, token_length, try_parse
 
 SOLUTION = "So the answer is \\boxed{7}."
 BUDGETS = (8, 16, 32, 64)
@@ -38,7 +38,7 @@ def _prompts(tokenizer) -> list[str]:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, embedded_tokenizer) -> Path:
     """A tiny model that writes `<budget>B</budget><solution>SOLUTION</solution>` for B in BUDGETS, about evenly."""
-    from selfbudgeter.embedded import BaseTrainConfig, build_model
+    from selfbudgeter.embedded.model import BaseTrainConfig, build_model
 
     tok = embedded_tokenizer
     torch.manual_seed(0)
@@ -95,8 +95,8 @@ def _grpo(root: Path, out: Path, b_max: int, *extra: str) -> Path:
 
 
 def _sampled_budgets(model_dir: Path) -> list[int]:
-    from selfbudgeter.generation import generate
-    from selfbudgeter.models import load_model
+    from selfbudgeter.evaluation.generation import generate
+    from selfbudgeter.core.models import load_model
 
     model, tok = load_model(str(model_dir), device="cpu", dtype="float32")
     samples = generate(model, tok, _prompts(tok), n=32, temperature=1.0, max_new_tokens=32, seed=1, progress=False)
@@ -106,7 +106,7 @@ def _sampled_budgets(model_dir: Path) -> list[int]:
 
 def _prefill_probability(model_dir: Path, budget: int) -> float:
     """The model's mean probability, over the prompts, of opening its answer with `render_prefill(budget)`."""
-    from selfbudgeter.models import load_model
+    from selfbudgeter.core.models import load_model
 
     model, tok = load_model(str(model_dir), device="cpu", dtype="float32")
     tag = tok.encode(render_prefill(budget), add_special_tokens=False)

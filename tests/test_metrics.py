@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from selfbudgeter import metrics
-from selfbudgeter.metrics import compression, linear_fit, spearman_budget_difficulty, summarize
+from selfbudgeter.core import metrics
+from selfbudgeter.core.metrics import compression, linear_fit, spearman_budget_difficulty, summarize
 
 
 def rec(
@@ -285,7 +285,7 @@ def test_within_counts_the_boundary_in():
 
 def test_importing_metrics_does_not_import_torch_or_scipy():
     # Light enough for the reward's training logs to call `within_tolerance`.
-    code = "import sys, selfbudgeter.metrics; sys.exit('torch' in sys.modules or 'scipy' in sys.modules)"
+    code = "import sys, selfbudgeter.core.metrics; sys.exit('torch' in sys.modules or 'scipy' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

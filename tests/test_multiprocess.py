@@ -63,9 +63,9 @@ def assert_saved_model(folder: Path) -> None:
 def sft_rows(tmp_path_factory) -> Path:
     """Budget-format SFT rows from the embedded task's reference solutions (the format build-sft writes)."""
     from selfbudgeter.data import prompt_text, write_jsonl
-    from selfbudgeter.format import render_response, token_length
-    from selfbudgeter.models import load_tokenizer
-    from selfbudgeter.task import load_split
+    from selfbudgeter.core.format import render_response, token_length
+    from selfbudgeter.core.models import load_tokenizer
+    from selfbudgeter.embedded.task import load_split
 
     tokenizer = load_tokenizer("embedded")
     rows = [

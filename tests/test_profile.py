@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from selfbudgeter import profile as profile_mod
+from selfbudgeter.training import profile as profile_mod
 from selfbudgeter.data import Row
-from selfbudgeter.errors import UserError
-from selfbudgeter.profile import ProfileConfig, aggregate, read_finished, summarize
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.training.profile import ProfileConfig, aggregate, read_finished, summarize
 
 
 def s(qid, index, n_tokens, correct, difficulty=None, finish="stop"):
@@ -166,7 +166,7 @@ def test_profile_killed_for_real_then_resumed(tiny_model_dir, tmp_path, uninterr
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Each chunk sleeps a little so that the kill lands mid-run however fast the machine is.
     code = (
-        "import sys, time; from selfbudgeter import profile as p; real = p.append_rows\n"
+        "import sys, time; from selfbudgeter.training import profile as p; real = p.append_rows\n"
         "p.append_rows = lambda path, rows: (real(path, rows), time.sleep(0.5))\n"
         "sys.exit(p.main(sys.argv[1:]))\n"
     )

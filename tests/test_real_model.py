@@ -92,7 +92,7 @@ def smollm2(tmp_path_factory) -> Path:
 
 
 def test_converted_model_keeps_its_chat_template_and_eos(smollm2):
-    from selfbudgeter.models import load_tokenizer
+    from selfbudgeter.core.models import load_tokenizer
 
     config = json.loads((smollm2 / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30

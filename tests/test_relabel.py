@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from selfbudgeter import grpo
-from selfbudgeter.errors import UserError
-from selfbudgeter.format import render_prefill, render_response, token_length
-from selfbudgeter.relabel import relabel_batch, relabel_targets, strip_prefills
-from selfbudgeter.rewards import SelfBudgeterScorer
+from selfbudgeter.training import grpo
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.core.format import render_prefill, render_response, token_length
+from selfbudgeter.training.relabel import relabel_batch, relabel_targets, strip_prefills
+from selfbudgeter.training.rewards import SelfBudgeterScorer
 
 SOLUTION = "1) 3+4=7\nSo the answer is \\boxed{7}."
 
@@ -81,7 +81,7 @@ def test_group_median_gives_each_prompt_one_budget(scorer, embedded_tokenizer):
 
 
 def test_peak_states_the_budget_the_final_reward_pays_most_for(embedded_tokenizer):
-    from selfbudgeter.rewards import RewardConfig, precise_budget_score
+    from selfbudgeter.training.rewards import RewardConfig, precise_budget_score
 
     length = token_length(embedded_tokenizer, SOLUTION)
     rows = [{"answer": "7", "prefill_budget": None}]
@@ -140,7 +140,7 @@ def test_relabel_batch_of_whole_responses_trains_the_end_of_turn(embedded_tokeni
 
 @pytest.mark.parametrize("bad", ["-1", "nan"])
 def test_negative_or_nan_weight_is_a_user_error(bad):
-    from selfbudgeter.errors import UserError
+    from selfbudgeter.core.errors import UserError
 
     with pytest.raises(UserError, match="budget_relabel_weight"):
         grpo.parse_args(["--config", "embedded/grpo", "--budget_relabel_weight", bad])
@@ -150,7 +150,7 @@ def test_negative_or_nan_weight_is_a_user_error(bad):
 def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir, monkeypatch, scope, prefilled):
     """With `prefilled`, the user's tag is stripped from TRL's own prompt ids (strip_prefills raises if they do
     not end with its tokens), so the recipe's prefilled prompts exercise it."""
-    import selfbudgeter.relabel as relabel
+    import selfbudgeter.training.relabel as relabel
 
     # A random model never writes a correct closed solution; pretend every rollout did, with 9 tokens.
     target = render_prefill(9) if scope == "tag" else render_response(9, SOLUTION)

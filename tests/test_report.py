@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from selfbudgeter import report
-from selfbudgeter.errors import UserError
-from selfbudgeter.report import PLOTS, build_report
+from selfbudgeter.evaluation import report
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.evaluation.report import PLOTS, build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MULTIPLIERS = (0.5, 1.0, 2.0)
@@ -237,9 +237,9 @@ def test_tiny_runs_still_draw(tmp_path):
 
 
 def test_one_table_builder_serves_the_report_eval_and_the_profile(capsys):
-    from selfbudgeter import metrics
-    from selfbudgeter.evaluate import print_results
-    from selfbudgeter.profile import print_summary
+    from selfbudgeter.core import metrics
+    from selfbudgeter.evaluation.evaluate import print_results
+    from selfbudgeter.training.profile import print_summary
 
     summaries = {"base": metrics.summarize(synthetic_records("plain")),
                  "selfbudgeter": metrics.summarize(synthetic_records("budgeted"))}

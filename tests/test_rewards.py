@@ -19,10 +19,11 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
 
-from selfbudgeter import grading, rewards
-from selfbudgeter.errors import UserError
-from selfbudgeter.format import render_prefill, render_response
-from selfbudgeter.rewards import (
+from selfbudgeter.core import grading
+from selfbudgeter.training import rewards
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.core.format import render_prefill, render_response
+from selfbudgeter.training.rewards import (
     REWARDS,
     RewardConfig,
     alpha_at,
@@ -369,7 +370,7 @@ def test_grading_error_counts_as_wrong_and_is_logged(tokenizer, monkeypatch, cap
     failed = SimpleNamespace(correct=True, predicted="42", error="timeout")
     monkeypatch.setattr(grading, "grade", lambda text, gold: failed)
     completions = [render_response(10, solution(9))] * 2
-    with caplog.at_level(logging.WARNING, logger="selfbudgeter.rewards"):
+    with caplog.at_level(logging.WARNING, logger="selfbudgeter.training.rewards"):
         values = total(make_reward_funcs(tokenizer), completions, b_max=[100.0] * 2)
     assert all(v <= CFG.wrong_max for v in values)
     assert "2 of 2 completions could not be graded" in caplog.text
@@ -444,14 +445,14 @@ def test_registry_entries_are_factories():
 
 
 def test_importing_rewards_does_not_import_torch():
-    code = "import sys, selfbudgeter.rewards; sys.exit('torch' in sys.modules)"
+    code = "import sys, selfbudgeter.training.rewards; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_follow_term_has_a_slope_at_every_length_under_a_user_budget(tokenizer):
     """The follow term rewards a correct answer under a user budget for landing on it, linearly (L1-style), and
     stays off without a user budget, for wrong answers, and by default (follow_penalty 0 is the SPEC)."""
-    from selfbudgeter.rewards import RewardConfig, follow_score, make_reward_funcs
+    from selfbudgeter.training.rewards import RewardConfig, follow_score, make_reward_funcs
 
     cfg = RewardConfig(follow_penalty=-0.5)
     on, near, far, farther = (follow_score(True, n, 100, cfg) for n in (100, 90, 40, 250))

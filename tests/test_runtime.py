@@ -7,7 +7,7 @@ import platform
 
 import pytest
 
-from selfbudgeter import runtime
+from selfbudgeter.core import runtime
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from selfbudgeter import format as fmt
-from selfbudgeter.server import (
+from selfbudgeter.core import format as fmt
+from selfbudgeter.serving.server import (
     INLINE_PREPARE_CHARS,
     ApiError,
     Metrics,
@@ -234,7 +234,7 @@ BODIES = JSON | REQUESTS
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(BODIES)
 def test_fuzzed_bodies_are_never_a_server_error(data):
-    from selfbudgeter.generator import GenerationRequest, check_request
+    from selfbudgeter.serving.generator import GenerationRequest, check_request
 
     try:
         params = parse_chat_request(data, CONFIG)
@@ -306,8 +306,8 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def generator(tiny_model_dir):
-    from selfbudgeter.generator import BudgetGenerator
-    from selfbudgeter.models import load_model
+    from selfbudgeter.serving.generator import BudgetGenerator
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model(tiny_model_dir, device="cpu")
     # A random model ends at a random EOS; without EOS every generation runs to its cap or until stopped.
@@ -587,7 +587,7 @@ def test_raw_stream_is_only_data_lines(live):
 def test_keep_alive_pings_while_no_event_comes():
     import asyncio
 
-    from selfbudgeter.server import _with_pings
+    from selfbudgeter.serving.server import _with_pings
 
     async def slow():
         await asyncio.sleep(0.25)
@@ -661,7 +661,7 @@ class InstantGenerator:
     ends at once. Lets the app see any body the way `serve` would, in milliseconds."""
 
     def __new__(cls, tokenizer):
-        from selfbudgeter.generator import BudgetGeneratorBase
+        from selfbudgeter.serving.generator import BudgetGeneratorBase
 
         class Instant(BudgetGeneratorBase):
             def _start(self, row):
@@ -860,7 +860,7 @@ def _raw_stream(url, request, headers=AUTH):
 
 
 def test_a_row_that_fails_inside_a_batch_fails_alone(generator, monkeypatch):
-    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.serving.generator import BudgetGenerator
 
     # Same model; a generator that holds requests for a second, so the four below share one batch.
     batching = BudgetGenerator(generator.model, generator.tokenizer, max_batch_size=4, batch_window=1.0, eager=False,
@@ -981,7 +981,7 @@ def test_an_effort_preset_is_fitted_to_the_context(client):
 def scripted_live(embedded_tokenizer):
     from test_generator import scripted_model
 
-    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.serving.generator import BudgetGenerator
 
     gen = BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, warmup=False)
     server = LiveServer(create_app(gen, ServerConfig(served_model_name="tiny")))

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from selfbudgeter import sft
-from selfbudgeter.errors import UserError
+from selfbudgeter.training import sft
+from selfbudgeter.core.errors import UserError
 
 
 def _write_rows(path: Path, tokenizer, n: int = 8) -> Path:
-    from selfbudgeter import task
+    from selfbudgeter.embedded import task
     from selfbudgeter.data import prompt_text
-    from selfbudgeter.format import render_response, token_length
+    from selfbudgeter.core.format import render_response, token_length
 
     rng = random.Random(0)
     with open(path, "w", encoding="utf-8") as f:

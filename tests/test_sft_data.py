@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from selfbudgeter.errors import UserError
-from selfbudgeter.format import token_length
-from selfbudgeter.rewards import score_response
-from selfbudgeter.sft_data import SFTDataConfig, build, build_sft_rows
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.core.format import token_length
+from selfbudgeter.training.rewards import score_response
+from selfbudgeter.training.sft_data import SFTDataConfig, build, build_sft_rows
 
 
 def s(qid, index, response, correct, finish="stop"):

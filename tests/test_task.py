@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from selfbudgeter import task
-from selfbudgeter.grading import is_correct
+from selfbudgeter.embedded import task
+from selfbudgeter.core.grading import is_correct
 
 
 def test_splits_are_deterministic_and_disjoint():

@@ -17,10 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from selfbudgeter import grpo, task
+from selfbudgeter.training import grpo
+from selfbudgeter.embedded import task
 from selfbudgeter.data import SYSTEM_PROMPT, prompt_text
-from selfbudgeter.evaluate import score_record
-from selfbudgeter.format import (
+from selfbudgeter.evaluation.evaluate import score_record
+from selfbudgeter.core.format import (
     SOLUTION_CLOSE,
     FormatError,
     render_prefill,
@@ -28,10 +29,10 @@ from selfbudgeter.format import (
     token_length,
     try_parse,
 )
-from selfbudgeter.profile import sample_rows
-from selfbudgeter.rewards import SelfBudgeterScorer
-from selfbudgeter.sft import strip_template_bos
-from selfbudgeter.sft_data import build_sft_rows
+from selfbudgeter.training.profile import sample_rows
+from selfbudgeter.training.rewards import SelfBudgeterScorer
+from selfbudgeter.training.sft import strip_template_bos
+from selfbudgeter.training.sft_data import build_sft_rows
 
 BOS, USER, ASSISTANT, EOS = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
 GENERATION_PROMPT = f"{ASSISTANT}<think>\n"
@@ -56,7 +57,7 @@ def r1():
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
-    from selfbudgeter.embedded import BASE_MODEL_DIR
+    from selfbudgeter.embedded.model import BASE_MODEL_DIR
 
     tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
     tokenizer.add_special_tokens({"bos_token": BOS, "additional_special_tokens": [USER, ASSISTANT, EOS]})

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from selfbudgeter import format as fmt
+from selfbudgeter.core import format as fmt
 from selfbudgeter.data import prompt_text
-from selfbudgeter.errors import UserError
-from selfbudgeter.generation import sample_seed
-from selfbudgeter.generator import BudgetEvent, FinalEvent, GenerationRequest, TextEvent
+from selfbudgeter.core.errors import UserError
+from selfbudgeter.evaluation.generation import sample_seed
+from selfbudgeter.serving.generator import BudgetEvent, FinalEvent, GenerationRequest, TextEvent
 
 CONTENT = "Two plus three is five. " * 3 + "So \\boxed{5}"
 LONG = "Still thinking. " * 6 + "\\boxed{5}"
@@ -130,7 +130,7 @@ class FakeEngine:
 def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
-    from selfbudgeter.embedded import BASE_MODEL_DIR
+    from selfbudgeter.embedded.model import BASE_MODEL_DIR
 
     return PreTrainedTokenizerFast.from_pretrained(BASE_MODEL_DIR)
 
@@ -167,7 +167,7 @@ def fake_vllm(tokenizer):
 @pytest.fixture
 def make(fake_vllm, tokenizer):
     """make(**script) -> (generator, engine); every generator is closed after the test."""
-    from selfbudgeter.vllm_generator import VLLMBudgetGenerator
+    from selfbudgeter.serving.vllm_generator import VLLMBudgetGenerator
 
     made = []
 
@@ -184,7 +184,7 @@ def make(fake_vllm, tokenizer):
 
 @pytest.fixture(scope="module")
 def shared(fake_vllm, tokenizer):
-    from selfbudgeter.vllm_generator import VLLMBudgetGenerator
+    from selfbudgeter.serving.vllm_generator import VLLMBudgetGenerator
 
     engine = FakeEngine(tokenizer)
     with VLLMBudgetGenerator(engine, tokenizer, warmup=False) as gen:
@@ -226,7 +226,7 @@ def test_serve_with_vllm_backend_without_vllm_is_one_clear_line(no_vllm, capsys)
 
 
 def test_vllm_generator_without_vllm_is_a_user_error(no_vllm):
-    from selfbudgeter.vllm_generator import VLLMBudgetGenerator
+    from selfbudgeter.serving.vllm_generator import VLLMBudgetGenerator
 
     with pytest.raises(UserError, match="needs vLLM"):
         VLLMBudgetGenerator.from_pretrained("embedded")
@@ -235,7 +235,7 @@ def test_vllm_generator_without_vllm_is_a_user_error(no_vllm):
 
 
 def test_serve_backend_choice_is_checked(capsys):
-    from selfbudgeter.server import main
+    from selfbudgeter.serving.server import main
 
     with pytest.raises(SystemExit) as info:
         main(["--model", "embedded", "--backend", "sglang"])
@@ -480,8 +480,8 @@ def test_stats_speed_and_close_stop_running_requests(make):
 
 
 def test_from_pretrained_passes_the_engine_settings(fake_vllm, tokenizer, monkeypatch):
-    from selfbudgeter import models
-    from selfbudgeter.vllm_generator import VLLMBudgetGenerator
+    from selfbudgeter.core import models
+    from selfbudgeter.serving.vllm_generator import VLLMBudgetGenerator
 
     monkeypatch.setattr(models, "load_tokenizer", lambda name: tokenizer)
     gen = VLLMBudgetGenerator.from_pretrained("embedded", dtype="bfloat16", tensor_parallel_size=2,
@@ -503,7 +503,7 @@ def test_from_pretrained_passes_the_engine_settings(fake_vllm, tokenizer, monkey
 def test_the_server_streams_from_the_vllm_backend(make):
     from fastapi.testclient import TestClient
 
-    from selfbudgeter.server import ServerConfig, create_app
+    from selfbudgeter.serving.server import ServerConfig, create_app
 
     gen, _ = make()
     with TestClient(create_app(gen, ServerConfig(served_model_name="fake")), base_url="http://127.0.0.1") as http:

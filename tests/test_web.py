@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from selfbudgeter.server import ServerConfig, create_app
+from selfbudgeter.serving.server import ServerConfig, create_app
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # The README's screenshot; rewritten only on request so that test runs leave the work tree clean.
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 def live(tiny_model_dir):
     from test_server import LiveServer
 
-    from selfbudgeter.generator import BudgetGenerator
-    from selfbudgeter.models import load_model
+    from selfbudgeter.serving.generator import BudgetGenerator
+    from selfbudgeter.core.models import load_model
 
     model, tokenizer = load_model(tiny_model_dir, device="cpu")
     model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
@@ -125,8 +125,8 @@ def test_an_answer_on_budget_leaves_the_bar_unmarked(page, embedded_tokenizer):
     from test_generator import CONTENT, scripted_model
     from test_server import LiveServer
 
-    from selfbudgeter import format as fmt
-    from selfbudgeter.generator import BudgetGenerator
+    from selfbudgeter.core import format as fmt
+    from selfbudgeter.serving.generator import BudgetGenerator
 
     length = fmt.token_length(embedded_tokenizer, CONTENT)
     model = scripted_model(embedded_tokenizer, budget=length, delay=0.01)

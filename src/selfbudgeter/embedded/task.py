@@ -40,8 +40,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import Row, write_jsonl
-from .grading import is_correct
+from ..core.grading import is_correct
+from ..data import Row, write_jsonl
 
 MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
@@ -313,7 +313,7 @@ def split_filler(response: str) -> tuple[str, str]:
 
 def filler_tokens(tokenizer, solution: str) -> int:
     """Tokens (in `tokenizer`) of the extra lines of a solution, as `split_filler` divides it."""
-    from .format import token_length
+    from ..core.format import token_length
 
     _, filler = split_filler(solution)
     return token_length(tokenizer, filler) if filler else 0

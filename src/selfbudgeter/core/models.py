@@ -19,7 +19,7 @@ EMBEDDED = "embedded"
 
 def resolve(name_or_path: str | Path) -> str:
     """The path or hub id to load for `name_or_path`; a missing local path is a UserError."""
-    from .embedded import BASE_MODEL_DIR
+    from ..embedded.model import BASE_MODEL_DIR
 
     name = str(name_or_path)
     if name == EMBEDDED:

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .config import nullable
-from .data import SYSTEM_PROMPT
-from .errors import UserError
-from .format import DEFAULT_MAX_BUDGET
+from ..core.config import nullable
+from ..core.errors import UserError
+from ..core.format import DEFAULT_MAX_BUDGET
+from ..data import SYSTEM_PROMPT
 from .rewards import RewardConfig
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[GRPOStageArgs, Reward
 
 def profile_file(profile: str | os.PathLike) -> Path:
     """A profile's questions.jsonl, given it or the profile folder."""
-    from .data import file_or_folder
+    from ..data import file_or_folder
 
     return file_or_folder(profile, "questions.jsonl",
                           "a profile folder holds questions.jsonl; see `selfbudgeter profile`")
@@ -172,7 +172,7 @@ def profile_file(profile: str | os.PathLike) -> Path:
 
 def load_b_max(profile: str | os.PathLike) -> dict[str, float | None]:
     """b_max by question id from a profile; null (no correct sample) stays None, i.e. unconstrained."""
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     path = profile_file(profile)
     table: dict[str, float | None] = {}
@@ -225,7 +225,7 @@ def build_rows(
     max_budget: int = DEFAULT_MAX_BUDGET,
 ) -> list[dict[str, Any]]:
     """GRPO rows (`prompt`, `answer`, `b_max`, `prefill_budget`, `difficulty`, `id`) for `data.Row`s."""
-    from .data import prompt_text
+    from ..data import prompt_text
     from .sft import strip_template_bos
 
     questions = list(questions)
@@ -259,7 +259,7 @@ def build_rows(
 
 def load_rows(stage: GRPOStageArgs, tokenizer: Any, seed: int = 0, max_budget: int = DEFAULT_MAX_BUDGET) -> list[dict]:
     """The training questions of `stage.dataset`, joined with the profile's b_max, as GRPO rows."""
-    from .data import load_benchmark
+    from ..data import load_benchmark
 
     questions = load_benchmark(stage.dataset, stage.split, data_dir=stage.data_dir)
     b_max = None
@@ -310,7 +310,7 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
     from transformers import set_seed
     from trl import GRPOTrainer
 
-    from .models import load_tokenizer, resolve
+    from ..core.models import load_tokenizer, resolve
     from .rewards import build_reward_funcs
     from .sft import cpu_only, resume_point, save_final
 

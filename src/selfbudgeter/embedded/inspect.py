@@ -13,9 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
+from ..core.format import token_length
+from ..data import read_jsonl
 from . import task
-from .data import read_jsonl
-from .format import token_length
 
 
 def inspect(samples: list[dict], tokenizer) -> dict:
@@ -67,9 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .models import load_tokenizer
-    from .profile import main as profile_main
-    from .report import print_table
+    from ..core.models import load_tokenizer
+    from ..evaluation.report import print_table
+    from ..training.profile import main as profile_main
 
     args = make_parser().parse_args(argv)
     code = profile_main(["--config", "embedded/profile", "--model", args.model, "--split", "test", "--limit", "400",

@@ -63,11 +63,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
-from . import format as fmt
-from .data import SYSTEM_PROMPT, prompt_text
-from .errors import UserError
-from .generation import SAMPLING_EPS, draw, sample_seed, seed_tensor
-from .grading import extract_answer
+from ..core import format as fmt
+from ..core.errors import UserError
+from ..core.grading import extract_answer
+from ..data import SYSTEM_PROMPT, prompt_text
+from ..evaluation.generation import SAMPLING_EPS, draw, sample_seed, seed_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -898,7 +898,7 @@ class BudgetGenerator(BudgetGeneratorBase):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, device: str = "auto", dtype: str = "auto", **kw) -> BudgetGenerator:
-        from .models import load_model
+        from ..core.models import load_model
 
         model, tokenizer = load_model(name_or_path, device=device, dtype=dtype)
         return cls(model, tokenizer, **kw)

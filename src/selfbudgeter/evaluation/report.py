@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics
-from .errors import UserError
+from ..core import metrics
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ MAX_SCATTER_POINTS = 3000
 
 def load_records(run_dir: Path) -> Records:
     """The records of one evaluation folder's `items.jsonl`."""
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     path = Path(run_dir) / "items.jsonl"
     if not path.is_file():

@@ -15,7 +15,7 @@ import signal
 import sys
 from typing import Any
 
-from .errors import UserError
+from ..core.errors import UserError
 
 FINISH_TEXT = {
     "finished": "the model finished its solution",
@@ -52,7 +52,7 @@ def make_parser() -> argparse.ArgumentParser:
 def _budget_arg(text: str | None) -> int | None:
     if text is None:
         return None
-    from .format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
+    from ..core.format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
 
     try:
         return validate_budget(text)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Seeds, temperatures and the like fail here, in one line, before the model loads.
     check_request(_request(args, args.question or "a question", budget))
-    from .models import resolve
+    from ..core.models import resolve
 
     resolve(args.model)  # a missing path fails here, before torch is imported
 

@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import grading
-from .errors import UserError
-from .format import DEFAULT_MAX_BUDGET, FormatError, render_prefill, token_length, try_parse
-from .metrics import within_tolerance
+from ..core import grading
+from ..core.errors import UserError
+from ..core.format import DEFAULT_MAX_BUDGET, FormatError, render_prefill, token_length, try_parse
+from ..core.metrics import within_tolerance
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import UserError
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _stage(name: str, argv: list[str]) -> None:
     """Run `selfbudgeter <name> argv...` in-process; a non-zero exit is an error."""
     import importlib
 
-    from .cli import STAGES
+    from ..cli import STAGES
 
     module = importlib.import_module(STAGES[name][0])
     logger.info("selfbudgeter %s %s", name, " ".join(argv))
@@ -54,7 +54,7 @@ def _stage(name: str, argv: list[str]) -> None:
 
 
 def _copy_base(dest: Path, train: bool, source: Path | None = None) -> None:
-    from .embedded import BASE_MODEL_DIR
+    from .model import BASE_MODEL_DIR
 
     if train:
         _stage("train-base", ["--out", str(dest)])
@@ -119,7 +119,7 @@ def plan(args: argparse.Namespace) -> list[Step]:
 
 
 def _report(args: argparse.Namespace) -> dict:
-    from .report import build_report
+    from ..evaluation.report import build_report
 
     names = ["base", "sft", "selfbudgeter", *([LONG] if args.long else []), *(BASELINES if args.baselines else ())]
     runs = {name: args.out / "eval" / name for name in names}
@@ -201,7 +201,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .report import print_table, table_rows
+    from ..evaluation.report import print_table, table_rows
 
     args = make_parser().parse_args(argv)
     if args.fresh and args.out.exists():
@@ -263,7 +263,7 @@ def summary(metrics: dict, report_dir: Path) -> str:
     """The demo's closing paragraph: what the table showed, in words, and where the plots are."""
     import textwrap
 
-    from .report import never_budgets
+    from ..evaluation.report import never_budgets
 
     base_name = next((e.get("baseline") for e in metrics.values() if isinstance(e, dict) and e.get("baseline")),
                      "base")

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import SYSTEM_PROMPT
-from .config import nullable
-from .errors import UserError
+from ..core.config import nullable
+from ..core.errors import UserError
+from ..data import SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def build_sft_rows(
 ) -> list[dict[str, Any]]:
     """SFT rows from profile samples and questions (dicts with id and question). `dropped`, when given,
     counts what was left out: wrong, truncated, empty, duplicate, bad_format, over_cap, max_rows."""
-    from .data import prompt_text
-    from .format import render_response, token_length, try_parse
+    from ..core.format import render_response, token_length, try_parse
+    from ..data import prompt_text
 
     dropped = Counter() if dropped is None else dropped
     by_id: dict[str, list[dict[str, Any]]] = {}
@@ -156,8 +156,8 @@ def _profile_model(folder: Path) -> str:
 
 def build(cfg: SFTDataConfig, tokenizer: Any = None) -> dict[str, Any]:
     """Build `train.jsonl` and `stats.json` in `cfg.out` from the profile in `cfg.profile`; returns the stats."""
-    from .data import read_jsonl, write_jsonl
-    from .models import load_tokenizer
+    from ..core.models import load_tokenizer
+    from ..data import read_jsonl, write_jsonl
 
     folder = Path(cfg.profile)
     for name in ("samples.jsonl", "questions.jsonl"):
@@ -190,7 +190,7 @@ def build(cfg: SFTDataConfig, tokenizer: Any = None) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> SFTDataConfig:
     """The stage's options from an optional recipe (`--config FILE`) and `--field value` overrides."""
-    from .config import parse_config
+    from ..core.config import parse_config
 
     (cfg,) = parse_config(
         (SFTDataConfig,),

@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import UserError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # package data
 
 
 def packaged_recipes() -> list[str]:

@@ -46,11 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .data import SYSTEM_PROMPT
-from .config import nullable
-from .errors import UserError
-from .format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
-from .generator import DEFAULT_ANSWER_SUFFIX
+from ..core.config import nullable
+from ..core.errors import UserError
+from ..core.format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
+from ..data import SYSTEM_PROMPT
+from ..serving.generator import DEFAULT_ANSWER_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +165,9 @@ def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budget
                  control_multiplier: float | None = None, decoder: str = MODEL,
                  forced: bool = False) -> dict[str, Any]:
     """One items.jsonl record (the schema of `metrics.py`)."""
-    from .format import token_length
-    from .grading import grade
-    from .rewards import score_response
+    from ..core.format import token_length
+    from ..core.grading import grade
+    from ..training.rewards import score_response
 
     record: dict[str, Any] = {
         "id": row.id,
@@ -203,8 +203,8 @@ def task_measures(tokenizer: Any, row: Any, response: str, *, budgeted: bool,
     """`<part>_tokens` of the solution for each part the row's task measures (`data.Task.measures`: the
     embedded task's filler); {} for other datasets. The solution is the whole response when it was not asked
     for the format; a budgeted response whose solution cannot be isolated measures None."""
-    from .data import solution_measures
-    from .format import FormatError, try_parse
+    from ..core.format import FormatError, try_parse
+    from ..data import solution_measures
 
     measures = solution_measures(row.source)
     if not measures:
@@ -220,7 +220,7 @@ def task_measures(tokenizer: Any, row: Any, response: str, *, budgeted: bool,
 
 def min_solution_tokens(tokenizer: Any, row: Any) -> int | None:
     """Tokens of the row's reference solution, the least a correct answer needs; None without one."""
-    from .format import token_length
+    from ..core.format import token_length
 
     return token_length(tokenizer, row.solution.strip()) if row.solution else None
 
@@ -293,7 +293,7 @@ class Draft:
 def draft(prompt: str, prefill: str, text: str, finish_reason: str | None, max_budget: int) -> Draft | None:
     """The Draft of a generated `text` (continuing `prompt`, which ends with `prefill`), or None when it
     gives a decoder nothing to work on: no valid budget, no solution, or a format error inside it."""
-    from .format import FormatErrorEvent, StreamParser, TextEvent
+    from ..core.format import FormatErrorEvent, StreamParser, TextEvent
 
     full = prefill + text
     parser = StreamParser(max_budget)
@@ -347,7 +347,7 @@ def forced_answer(text: str, answer_prompt: str) -> str:
 def decode_budget(model: Any, tokenizer: Any, drafts: list[Draft], cfg: EvalConfig, *, temperature: float,
                   desc: str) -> int:
     """Apply `cfg.decode_budget` to `drafts` in place (see the module docstring); returns generated tokens."""
-    from .format import token_length
+    from ..core.format import token_length
 
     mode, slack = cfg.decode_budget, cfg.budget_slack
     cap, extend = mode in ("cap", "cap_extend"), mode in ("extend", "cap_extend")
@@ -427,9 +427,9 @@ def _decoded_records(model: Any, tokenizer: Any, jobs: list[tuple[Any, str, str,
 def evaluate_dataset(model: Any, tokenizer: Any, name: str, cfg: EvalConfig, out: Path,
                      baseline_mean: float | None) -> dict[str, Any]:
     """Evaluate one dataset into `out` (items.jsonl, metrics.json); returns the metrics."""
-    from . import metrics
-    from .data import load_benchmark, prompt_text, write_jsonl
-    from .format import render_prefill
+    from ..core import metrics
+    from ..core.format import render_prefill
+    from ..data import load_benchmark, prompt_text, write_jsonl
 
     start = time.perf_counter()
     rows = load_benchmark(name, cfg.split, data_dir=cfg.data_dir, limit=cfg.limit)
@@ -514,8 +514,8 @@ def evaluate(model_or_path: Any, cfg: EvalConfig, tokenizer: Any = None) -> dict
     `out/summary.json`: `benchmarks` (name -> metrics) and the averages also at the top level, so that
     `result["accuracy"]` means the same in both cases.
     """
+    from ..training.profile import dataset_names
     from .generation import load
-    from .profile import dataset_names
 
     names = dataset_names(cfg.dataset)
     folders = [dataset_folder(name) for name in names]
@@ -557,7 +557,7 @@ def print_results(result: dict[str, Any], out: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
     """The stage's options from a recipe (`--config embedded/eval`) and `--field value` overrides."""
-    from .config import parse_config
+    from ..core.config import parse_config
 
     (cfg,) = parse_config(
         (EvalConfig,),

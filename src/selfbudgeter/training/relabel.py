@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from .format import SOLUTION_CLOSE, parse_response, render_prefill, render_response
+from ..core.format import SOLUTION_CLOSE, parse_response, render_prefill, render_response
 from .rewards import SelfBudgeterScorer
 
 TARGETS = ("own", "group_median", "peak")

@@ -72,8 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
-from .errors import UserError
-from .format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
+from ..core.errors import UserError
+from ..core.format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
 from . import generator as genlib
 
 logger = logging.getLogger(__name__)
@@ -1121,7 +1121,7 @@ def load_generator(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    from . import models
+    from ..core import models
 
     models.resolve(args.model)  # a missing path fails here, in one line, before any heavy import
     names = args.served_model_name or [Path(str(args.model)).name or str(args.model)]

@@ -47,9 +47,9 @@ import time
 import uuid
 from typing import Any, Callable
 
-from . import format as fmt
-from .data import SYSTEM_PROMPT, prompt_text
-from .generation import _import_vllm
+from ..core import format as fmt
+from ..data import SYSTEM_PROMPT, prompt_text
+from ..evaluation.generation import _import_vllm
 from .generator import DEFAULT_ANSWER_SUFFIX, BudgetGeneratorBase, GenerationHandle, _Row
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class VLLMBudgetGenerator(BudgetGeneratorBase):
         """Start a vLLM engine for `name_or_path` (`embedded`, a model folder or a hub id) on this machine's
         GPUs; a UserError says so when vLLM is not installed. Call it outside a running event loop."""
         vllm = _import_vllm()
-        from .models import load_tokenizer, resolve
+        from ..core.models import load_tokenizer, resolve
 
         try:
             asyncio.get_running_loop()

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import prompt_text
 from . import task
-from .data import prompt_text
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class BaseTrainConfig:
 
 
 def _tokenizer_corpus(rng: random.Random, n: int = 3000) -> list[str]:
-    from .format import render_response
+    from ..core.format import render_response
 
     rows = task.load_split("train")[:n]
     texts = []

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import nullable
-from .errors import UserError
+from ..core.config import nullable
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def _device_overrides() -> list[str]:
 
 def parse_stage_config(types: tuple[type, ...], argv: Sequence[str] | None, prog: str, description: str) -> tuple:
     """`config.parse_config` plus the CPU overrides of `_device_overrides`."""
-    from .config import parse_config
+    from ..core.config import parse_config
 
     return parse_config(types, list(argv or []) + _device_overrides(), prog, description)
 
@@ -90,7 +90,7 @@ def strip_template_bos(tokenizer: Any, text: str) -> str:
 
 def sft_file(dataset: str | os.PathLike | None) -> Path:
     """build-sft's train.jsonl: `dataset` itself, or the train.jsonl in the folder `dataset`."""
-    from .data import file_or_folder
+    from ..data import file_or_folder
 
     if dataset is None:
         raise UserError("no --dataset: give build-sft's train.jsonl or the folder holding it")
@@ -99,7 +99,7 @@ def sft_file(dataset: str | os.PathLike | None) -> Path:
 
 def load_sft_rows(dataset: str | os.PathLike | None, max_rows: int | None = None) -> list[dict[str, str]]:
     """The prompt/completion pairs of a build-sft file, checked; the other columns are not trained on."""
-    from .data import read_jsonl
+    from ..data import read_jsonl
 
     if max_rows is not None and max_rows < 1:
         raise UserError(f"max_rows must be >= 1, not {max_rows}")
@@ -162,7 +162,7 @@ def run_sft(stage: SFTStageArgs, config: Any, callbacks: list | None = None) -> 
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from .models import load_tokenizer, resolve
+    from ..core.models import load_tokenizer, resolve
 
     source = resolve(stage.model)
     tokenizer = load_tokenizer(stage.model)

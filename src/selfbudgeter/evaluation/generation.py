@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
-from .errors import UserError
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -502,7 +502,7 @@ def _generate_vllm(
 def load(name_or_path: str, backend: str = "transformers", *, device: str = "auto", dtype: str = "auto",
          seed: int = 0, max_model_len: int | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) for `backend`: a transformers model (via `models.load_model`) or a `vllm.LLM`."""
-    from . import models
+    from ..core import models
 
     if backend not in BACKENDS:
         raise UserError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import nullable
-from .errors import UserError
+from ..core.config import nullable
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def dataset_names(spec: str) -> list[str]:
 
 def load_rows(spec: str, split: str, data_dir: str | None, limit: int | None) -> list:
     """Rows of every dataset in the comma-separated `spec` (the limit applies to each); ids must be unique."""
-    from .data import load_benchmark
+    from ..data import load_benchmark
 
     rows = [row for name in dataset_names(spec) for row in load_benchmark(name, split, data_dir=data_dir,
                                                                           limit=limit)]
@@ -195,7 +195,7 @@ def read_finished(path: Path, k: int) -> list[dict[str, Any]]:
 
     A torn last line (a killed writer) and the rows of a half-written question are dropped.
     """
-    from .data import read_jsonl, write_jsonl
+    from ..data import read_jsonl, write_jsonl
 
     if not path.exists():
         return []
@@ -259,8 +259,8 @@ def _check_resume(out: Path, cfg: ProfileConfig) -> None:
 
 def sample_rows(tokenizer: Any, rows: Sequence[Any], samples: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """samples.jsonl rows: each generated sample graded against its question's gold answer."""
-    from .format import token_length
-    from .grading import grade
+    from ..core.format import token_length
+    from ..core.grading import grade
 
     out = []
     for row, per in zip(rows, samples):
@@ -285,8 +285,8 @@ def sample_rows(tokenizer: Any, rows: Sequence[Any], samples: Sequence[Sequence[
 def profile(cfg: ProfileConfig, model: Any = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run (or resume) a profile into `cfg.out`; returns the summary. Pass `model` and `tokenizer` to reuse
     an already loaded model (transformers backend)."""
-    from .data import prompt_text, write_jsonl
-    from .generation import generate, load, progress_bar
+    from ..data import prompt_text, write_jsonl
+    from ..evaluation.generation import generate, load, progress_bar
 
     start = time.perf_counter()
     out = Path(cfg.out)
@@ -344,7 +344,7 @@ def profile(cfg: ProfileConfig, model: Any = None, tokenizer: Any = None) -> dic
 
 
 def print_summary(summary: dict[str, Any], out: str) -> None:
-    from .report import print_table
+    from ..evaluation.report import print_table
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
@@ -363,7 +363,7 @@ def print_summary(summary: dict[str, Any], out: str) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> ProfileConfig:
     """The stage's options from a recipe (`--config embedded/profile`) and `--field value` overrides."""
-    from .config import parse_config
+    from ..core.config import parse_config
 
     (cfg,) = parse_config(
         (ProfileConfig,),

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from .errors import UserError
-from .grading import gsm8k_answer
+from ..core.errors import UserError
+from ..core.grading import gsm8k_answer
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class Task:
 
 EMBEDDED = "embedded"
 TASKS: dict[str, Task] = {
-    EMBEDDED: Task("selfbudgeter.task", ("train", "validation", "test"), {"filler": "filler_tokens"}),
+    EMBEDDED: Task("selfbudgeter.embedded.task", ("train", "validation", "test"), {"filler": "filler_tokens"}),
 }
 
 
@@ -504,7 +504,7 @@ def prompt_text(
     prompt folded into the user message; one that leaves system messages out on purpose (the embedded
     model's, trained without one) is respected.
     """
-    from .format import FormatError, render_prefill
+    from ..core.format import FormatError, render_prefill
 
     messages = build_messages(question, system_prompt)
     try:
