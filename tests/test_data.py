@@ -221,7 +221,7 @@ def find_cycle(graph: dict[str, set[str]]) -> tuple[str, ...] | None:
 
 
 def test_the_package_has_no_import_cycle():
-    """Not even through an import inside a function: data.py reads the embedded task by name (`TASKS`)."""
+    """Not even through an import inside a function: `data` reads the embedded task by name (`TASKS`)."""
     graph = import_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     task = "selfbudgeter.embedded.task"
