@@ -152,3 +152,23 @@ def test_summary_names_the_plots(tmp_path):
     text = " ".join(demo.summary({"base": BASE, "selfbudgeter": SELFBUDGETER}, tmp_path).split())
     assert f"The plots (length_distribution.png, user_budget_control.png) and the full report are in {tmp_path}/" \
         in text
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_on_a_tiny_configuration(tmp_path):
+    """`make demo`'s path, nothing stubbed: the shipped base, every stage on a few questions, the report."""
+    import json
+
+    from selfbudgeter.embedded import demo
+
+    out = tmp_path / "demo"
+    argv = ["--out", str(out), "--profile-questions", "8", "--grpo-steps", "1", "--eval-limit", "6",
+            "--split", "validation"]
+    assert demo.main(argv) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    assert set(metrics) >= {"base", "sft", "selfbudgeter"}
+    assert metrics["base"]["n"] == metrics["selfbudgeter"]["n"] == 6
+    assert metrics["selfbudgeter"]["compression"] == pytest.approx(
+        1 - metrics["selfbudgeter"]["mean_tokens"] / metrics["base"]["mean_tokens"])
+    assert sorted(p.name for p in (out / "report").glob("*.png"))
+    assert json.loads((out / "report" / "timings.json").read_text())["steps"].keys() >= {"profile", "sft", "eval-base"}
