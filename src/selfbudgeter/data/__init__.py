@@ -273,8 +273,10 @@ class Task:
 
 
 EMBEDDED = "embedded"
+WORD_PROBLEMS = "word-problems"
 TASKS: dict[str, Task] = {
     EMBEDDED: Task("selfbudgeter.embedded.task", ("train", "validation", "test"), {"filler": "filler_tokens"}),
+    WORD_PROBLEMS: Task("selfbudgeter.data.word_problems", ("train", "validation", "test")),
 }
 
 
@@ -447,7 +449,7 @@ def load_benchmark(
     on_error: str = "raise",
     limit: int | None = None,
 ) -> list[Row]:
-    """Rows of a named benchmark, a task (`TASKS`: the embedded one), a local file or folder, or a Hub dataset.
+    """Rows of a named benchmark, a task (`TASKS`: embedded, word-problems), a local file or folder, or a Hub dataset.
 
     Named benchmarks (gsm8k, math500, aime24, aime25, amc23) are read from `<data_dir>/<name>/<split>.jsonl`
     when a data folder is given (argument, else `$SELFBUDGETER_DATA`), otherwise from the Hugging Face Hub.
