@@ -271,3 +271,72 @@ def test_import_is_light():
     code = "import sys, selfbudgeter.core.grading; print('sympy' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+# --- lenient extraction (opt-in) -------------------------------------------------------------------------------
+
+LENIENT_CASES = [
+    ("so 9 + 14 = 23 apples", "23"),  # the result of the last "= N"
+    ("Tom has 6 + 6 = 12 apples. Then he eats 2, so 12 - 2 = 10.", "10"),
+    ("Tom has 12 apples now.", "12"),  # no "=": the last number
+    ("First 3 apples, then 4 more, so 7", "7"),
+    ("The temperature is -4 degrees.", "-4"),  # a negative number
+    ("x = -4.", "-4"),
+    ("10-5", "5"),  # a minus between numbers is subtraction, not a sign
+    ("The total is $1,250 in all.", "1,250"),  # comma thousands
+    ("so 400 + 850 = 1,250", "1,250"),
+    ("It costs 3.5 dollars.", "3.5"),
+    ("a == 3 then 7", "7"),  # "==" is not an equals sign to read
+    ("H2O is water", None),  # digits inside a word are not a number
+    ("I do not know.", None),  # no number: no answer
+    ("", None),
+    ("so 3 + 4 = 7 \\boxed{8}", "8"),  # a boxed answer still wins
+    ("the answer is 5 = 6", "5 = 6"),  # as do the strict rules' "the answer is ..."
+]
+
+
+@pytest.mark.parametrize("text, expected", LENIENT_CASES)
+def test_lenient_extraction(text, expected):
+    assert grading.extract_answer_lenient(text) == expected
+
+
+def test_lenient_is_opt_in_and_never_the_default():
+    prose = "Tom has 9 apples and buys 14 more, so 9 + 14 = 23 apples."
+    assert extract_answer(prose) is None
+    assert grade(prose, "23") == Grade(correct=False, predicted=None)
+    assert grade(prose, "23", extraction="lenient") == Grade(correct=True, predicted="23")
+    assert grade("so 9 + 14 = 22", "23", extraction="lenient").correct is False
+    assert grade("The total is $1,250 in all.", "1250", extraction="lenient").correct is True
+    assert grade("It is -4.", "-4", extraction="lenient").correct is True
+    assert grade("No idea.", "4", extraction="lenient") == Grade(correct=False, predicted=None)
+    assert grading.is_correct("so 2 + 2 = 4", "4", extraction="lenient")
+    with pytest.raises(ValueError, match="boxed, lenient"):
+        grade("\\boxed{4}", "4", extraction="last-number")
+
+
+def test_lenient_is_an_option_of_eval_profile_and_rewards_whose_default_is_boxed():
+    from selfbudgeter.core.errors import UserError
+    from selfbudgeter.evaluation.evaluate import EvalConfig
+    from selfbudgeter.training.profile import SAMPLING_KEYS, ProfileConfig
+    from selfbudgeter.training.rewards import AccuracyReward, RewardConfig, make_accuracy_reward, score_response
+
+    assert EvalConfig().answer_extraction == ProfileConfig().answer_extraction == "boxed"
+    assert RewardConfig().answer_extraction == "boxed"
+    assert "answer_extraction" in SAMPLING_KEYS  # a resumed profile is graded one way throughout
+    for config in (EvalConfig, ProfileConfig):
+        with pytest.raises(UserError, match="answer_extraction"):
+            config(answer_extraction="last")
+    with pytest.raises(ValueError):
+        RewardConfig(answer_extraction="last")
+
+    class Chars:  # a tokenizer of one token per character, enough for score_response
+        def encode(self, text, add_special_tokens=False):
+            return list(text)
+
+    response = "<budget>20</budget><solution>9 + 14 = 23</solution>"
+    assert score_response(Chars(), response, "23").correct is False
+    assert score_response(Chars(), response, "23", extraction="lenient").correct is True
+    completions = ["so 9 + 14 = 23"]
+    assert AccuracyReward()(completions=completions, answer=["23"]) == [0.0]
+    lenient = make_accuracy_reward(None, RewardConfig(answer_extraction="lenient"))[0]
+    assert lenient(completions=completions, answer=["23"]) == [1.0]

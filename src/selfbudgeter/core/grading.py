@@ -1,6 +1,10 @@
 """Answer extraction and grading: the one owner of "what is the final answer" and "is it right".
 
 Extraction order: the last `\\boxed{...}` (nested braces), then GSM8K's `#### n`, then "the answer is ...".
+This strict extraction (`extraction="boxed"`) is the default everywhere and the only one the paper's
+benchmarks are graded with. `extraction="lenient"` (`extract_answer_lenient`) is opt-in, for models that
+answer in prose without boxing: after the strict rules find nothing, it takes the result of the last "= N",
+else the last number in the text.
 
 Equivalence is math-verify's, always called as `verify(gold, prediction)` (the order matters: it is not
 symmetric). Where this module departs from calling math-verify on the raw strings:
@@ -44,6 +48,18 @@ _DECORATION = re.compile(r"\\\$|\$|\\[,!; ]|^\\\(|\\\)$")
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
 
+# The answer extractions `grade` knows: strict (the default) and lenient (opt-in, never the paper's).
+BOXED, LENIENT = "boxed", "lenient"
+EXTRACTIONS = (BOXED, LENIENT)
+
+# A number as prose writes it: a minus sign only where it cannot be subtraction ("10-5" is 10 and 5), comma
+# thousands ("1,000"), decimals; not the digits inside a word ("H2O") or after a decimal point.
+_PROSE_NUMBER = r"(?:(?<![\w)\].])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])"
+_LAST_NUMBER = re.compile(_PROSE_NUMBER)
+# "= 23", "= $1,000", "=-4": the first number after an equals sign (not "==", "<=", ">=", "!=").
+_EQUALS_NUMBER = re.compile(r"(?<![=<>!])=(?!=)\s*(?:\\?\$\s*)?(" + _PROSE_NUMBER + ")")
+
+
 class GradingError(RuntimeError):
     """Grading itself failed (math-verify raised, timed out, or could not read the gold answer)."""
 
@@ -83,6 +99,35 @@ def extract_answer(text: str) -> str | None:
     if said:
         return said[-1].strip().rstrip(".")
     return None
+
+
+def extract_answer_lenient(text: str) -> str | None:
+    """The final answer of a response that may not box it, or None when it has no number at all. Opt-in only.
+
+    First what `extract_answer` finds (a boxed answer, `#### n`, "the answer is ..."); else the result of the
+    last "= N" ("so 9 + 14 = 23 apples" -> "23"); else the last number in the text ("Tom has 12 apples now."
+    -> "12"). Numbers keep their sign where it cannot be a subtraction ("-4", but "10-5" ends in "5") and
+    their comma thousands ("1,000", which grading reads as 1000).
+
+    It grades a model that answers in prose, at a cost: any number can be taken for the answer, so it is
+    looser than the strict extraction on purpose (docs/grading.md measures it on GSM8K's prose solutions).
+    Never the default, and never used for the paper's benchmarks.
+    """
+    strict = extract_answer(text)
+    if strict is not None:
+        return strict
+    equals = _EQUALS_NUMBER.findall(text)
+    if equals:
+        return equals[-1]
+    numbers = _LAST_NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def check_extraction(extraction: str) -> str:
+    """`extraction` when it is one of EXTRACTIONS, else a ValueError naming them."""
+    if extraction not in EXTRACTIONS:
+        raise ValueError(f"answer extraction must be one of {', '.join(EXTRACTIONS)}, not {extraction!r}")
+    return extraction
 
 
 def gsm8k_answer(solution: str) -> str | None:
@@ -189,9 +234,15 @@ def answers_match(predicted: str, gold: str, *, timeout_seconds: int | None = DE
     return _math_verify(predicted, gold, timeout_seconds)
 
 
-def grade(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS) -> Grade:
-    """Grade a response against a gold answer. Never raises for a grading failure: see `Grade.error`."""
-    predicted = extract_answer(response_text)
+def grade(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS,
+          extraction: str = BOXED) -> Grade:
+    """Grade a response against a gold answer. Never raises for a grading failure: see `Grade.error`.
+
+    `extraction` is "boxed" (the default: `extract_answer`) or "lenient" (opt-in: `extract_answer_lenient`);
+    any other value is a ValueError.
+    """
+    check_extraction(extraction)
+    predicted = extract_answer(response_text) if extraction == BOXED else extract_answer_lenient(response_text)
     if not str(gold).strip():
         # Checked before extraction: a missing gold is a data problem even when the response has no answer.
         return Grade(correct=False, predicted=predicted, error="empty gold answer")
@@ -205,9 +256,10 @@ def grade(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAUL
     return Grade(correct=correct, predicted=predicted)
 
 
-def is_correct(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS) -> bool:
+def is_correct(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAULT_TIMEOUT_SECONDS,
+               extraction: str = BOXED) -> bool:
     """Whether a response's final answer equals the gold answer. Raises GradingError when grading fails."""
-    result = grade(response_text, gold, timeout_seconds=timeout_seconds)
+    result = grade(response_text, gold, timeout_seconds=timeout_seconds, extraction=extraction)
     if result.error is not None:
         raise GradingError(result.error)
     return result.correct

@@ -49,6 +49,7 @@ from typing import Any, Literal
 from ..core.config import nullable
 from ..core.errors import UserError
 from ..core.format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
+from ..core.grading import EXTRACTIONS
 from ..data import SYSTEM_PROMPT
 from ..serving.generator import DEFAULT_ANSWER_SUFFIX
 
@@ -114,6 +115,11 @@ class EvalConfig:
     )
     max_extensions: int = field(default=1, metadata={"help": "extensions per response at most"})
     max_budget: int = field(default=DEFAULT_MAX_BUDGET, metadata={"help": "budgets above this are format failures"})
+    answer_extraction: Literal["boxed", "lenient"] = field(
+        default="boxed",
+        metadata={"help": "how the final answer is read: boxed (strict \\boxed{}, the paper's) or lenient (opt-in "
+                  "for models that answer in prose: the last '= N', else the last number; docs/grading.md)"},
+    )
     baseline: str | None = field(
         default=None,
         metadata={"help": "a baseline eval folder (same datasets): compression = 1 - mean tokens / its mean tokens"},
@@ -135,6 +141,8 @@ class EvalConfig:
             raise UserError(f"max_extensions must be >= 0, not {self.max_extensions}")
         if not self.control_temperature >= 0:
             raise UserError(f"control_temperature must be >= 0, not {self.control_temperature}")
+        if self.answer_extraction not in EXTRACTIONS:
+            raise UserError(f"answer_extraction must be one of {', '.join(EXTRACTIONS)}, not {self.answer_extraction!r}")
         if self.decode_budget not in DECODE_BUDGET:
             raise UserError(f"decode_budget must be one of {', '.join(DECODE_BUDGET)}, not {self.decode_budget!r}")
         if not 0 <= self.budget_slack < 1:
@@ -163,8 +171,8 @@ def dataset_folder(name: str) -> str:
 def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budgeted: bool, max_budget: int,
                  finish_reason: str | None = None, prefill_budget: int | None = None,
                  control_multiplier: float | None = None, decoder: str = MODEL,
-                 forced: bool = False) -> dict[str, Any]:
-    """One items.jsonl record (the schema of `metrics.py`)."""
+                 forced: bool = False, answer_extraction: str = "boxed") -> dict[str, Any]:
+    """One items.jsonl record (the schema of `metrics.py`); the answer is read by `answer_extraction`."""
     from ..core.format import token_length
     from ..core.grading import grade
     from ..training.rewards import score_response
@@ -184,12 +192,12 @@ def score_record(tokenizer: Any, row: Any, response: str, *, sample: int, budget
     if control_multiplier is not None:
         record["min_solution_tokens"] = min_solution_tokens(tokenizer, row)
     if budgeted:
-        scored = score_response(tokenizer, response, row.answer, max_budget=max_budget)
+        scored = score_response(tokenizer, response, row.answer, max_budget=max_budget, extraction=answer_extraction)
         record.update(budget=scored.budget, length=scored.length, format_ok=scored.format_ok,
                       format_error=scored.format_error, correct=scored.correct, grading_error=scored.grading_error,
                       predicted=scored.predicted)
     else:
-        result = grade(response, row.answer)
+        result = grade(response, row.answer, extraction=answer_extraction)
         # Not asked for the format: recorded as "missing_budget", which the report shows as "no budgets".
         record.update(budget=None, length=token_length(tokenizer, response.strip()), format_ok=False,
                       format_error="missing_budget", correct=bool(result.correct) and result.error is None,
@@ -420,7 +428,8 @@ def _decoded_records(model: Any, tokenizer: Any, jobs: list[tuple[Any, str, str,
         response = d.response if forced else prefill + sample.text
         finish = d.finish_reason if forced else sample.finish_reason
         records.append(score_record(tokenizer, row, response, budgeted=True, max_budget=cfg.max_budget,
-                                    finish_reason=finish, decoder=cfg.decode_budget, forced=forced, **keywords))
+                                    finish_reason=finish, decoder=cfg.decode_budget, forced=forced,
+                                    answer_extraction=cfg.answer_extraction, **keywords))
     return records, tokens
 
 
@@ -437,7 +446,7 @@ def evaluate_dataset(model: Any, tokenizer: Any, name: str, cfg: EvalConfig, out
     generated = _generate(model, tokenizer, prompts, cfg, cfg.samples, f"eval {name}")
     records = [
         score_record(tokenizer, row, s.text, sample=k, budgeted=cfg.budgeted, max_budget=cfg.max_budget,
-                     finish_reason=s.finish_reason)
+                     finish_reason=s.finish_reason, answer_extraction=cfg.answer_extraction)
         for row, per in zip(rows, generated)
         for k, s in enumerate(per)
     ]
@@ -467,7 +476,8 @@ def evaluate_dataset(model: Any, tokenizer: Any, name: str, cfg: EvalConfig, out
             for (row, m, b), (s,) in zip(jobs, continuations):
                 records.append(score_record(tokenizer, row, render_prefill(b) + s.text, sample=0, budgeted=True,
                                             max_budget=cfg.max_budget, finish_reason=s.finish_reason,
-                                            prefill_budget=b, control_multiplier=m))
+                                            prefill_budget=b, control_multiplier=m,
+                                            answer_extraction=cfg.answer_extraction))
                 tokens += s.n_tokens
             if decoding:
                 decoder_jobs = [

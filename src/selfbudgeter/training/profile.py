@@ -37,10 +37,10 @@ logger = logging.getLogger(__name__)
 # DeepSeek-R1's recommended instruction for math (its model card); the embedded recipe sets null.
 BASE_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
-# Settings that change what is sampled: a resumed run must match them. batch_size, limit, chunk_size,
-# backend and device do not change a sample (up to floating point; see `generation`).
+# Settings that change what is sampled, or how it is graded: a resumed run must match them. batch_size,
+# limit, chunk_size, backend and device do not change a sample (up to floating point; see `generation`).
 SAMPLING_KEYS = ("model", "dataset", "split", "data_dir", "samples", "temperature", "top_p", "max_new_tokens",
-                 "seed", "system_prompt")
+                 "seed", "system_prompt", "answer_extraction")
 
 
 @dataclass
@@ -68,6 +68,11 @@ class ProfileConfig:
         default=BASE_SYSTEM_PROMPT,
         metadata={"help": "system prompt (null in YAML for none, e.g. for templates without a system turn)"},
     )
+    answer_extraction: Literal["boxed", "lenient"] = field(
+        default="boxed",
+        metadata={"help": "how the final answer is read: boxed (strict \\boxed{}, the paper's) or lenient (opt-in "
+                  "for models that answer in prose: the last '= N', else the last number; docs/grading.md)"},
+    )
     out: str = field(default="runs/profile", metadata={"help": "output folder"})
     backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "generation backend"})
     device: str = field(default="auto", metadata={"help": "transformers device: auto, cpu, cuda, ..."})
@@ -82,6 +87,8 @@ class ProfileConfig:
         # `--system_prompt null` on the command line arrives as the string "null".
         self.system_prompt = nullable(self.system_prompt)
         self.data_dir = nullable(self.data_dir)
+        if self.answer_extraction not in ("boxed", "lenient"):
+            raise UserError(f"answer_extraction must be one of boxed, lenient, not {self.answer_extraction!r}")
 
 
 def dataset_names(spec: str) -> list[str]:
@@ -257,15 +264,17 @@ def _check_resume(out: Path, cfg: ProfileConfig) -> None:
 # --- the stage ---------------------------------------------------------------------------------------------
 
 
-def sample_rows(tokenizer: Any, rows: Sequence[Any], samples: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
-    """samples.jsonl rows: each generated sample graded against its question's gold answer."""
+def sample_rows(tokenizer: Any, rows: Sequence[Any], samples: Sequence[Sequence[Any]],
+                answer_extraction: str = "boxed") -> list[dict[str, Any]]:
+    """samples.jsonl rows: each generated sample graded against its question's gold answer (its final answer
+    read by `answer_extraction`, `grading.grade`'s)."""
     from ..core.format import token_length
     from ..core.grading import grade
 
     out = []
     for row, per in zip(rows, samples):
         for index, sample in enumerate(per):
-            result = grade(sample.text, row.answer)
+            result = grade(sample.text, row.answer, extraction=answer_extraction)
             out.append(
                 {
                     "id": row.id,
@@ -322,7 +331,7 @@ def profile(cfg: ProfileConfig, model: Any = None, tokenizer: Any = None) -> dic
                 backend=cfg.backend,
                 progress=lambda advance: bar.update(task, advance=advance),
             )
-            new = sample_rows(tokenizer, chunk, generated)
+            new = sample_rows(tokenizer, chunk, generated, cfg.answer_extraction)
             append_rows(samples_path, new)
             done.extend(new)
             tokens += sum(s.n_tokens for per in generated for s in per)

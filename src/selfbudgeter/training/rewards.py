@@ -64,8 +64,12 @@ class RewardConfig:
     # loose (target near 0) for most of the schedule, so it teaches following only at the end, and only for
     # budgets near the policy's own length; this term has a slope at every length. 0: the SPEC reward alone.
     follow_penalty: float = 0.0
+    # How the final answer is read (`grading.EXTRACTIONS`): "boxed", the paper's strict `\\boxed{}`, or the opt-in
+    # "lenient" (the last "= N", else the last number) for models that answer in prose. Never lenient by default.
+    answer_extraction: str = "boxed"
 
     def __post_init__(self) -> None:
+        grading.check_extraction(self.answer_extraction)
         if self.correct_min > self.correct_max:
             raise ValueError(f"correct_min ({self.correct_min}) must not exceed correct_max ({self.correct_max})")
         if self.wrong_min > self.wrong_max:
@@ -179,15 +183,17 @@ class ScoredResponse:
     grading_error: str | None
 
 
-def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | None = None) -> ScoredResponse:
+def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | None = None, *,
+                   extraction: str = grading.BOXED) -> ScoredResponse:
     """Parse, measure and grade one full response (budget tag included). Never raises on model output.
 
-    A broken format is never graded: the answer must sit in a closed solution to count.
+    A broken format is never graded: the answer must sit in a closed solution to count. `extraction` is
+    `grading.grade`'s (strict "boxed" unless "lenient" is asked for).
     """
     parsed = try_parse(response, max_budget)
     if isinstance(parsed, FormatError):
         return ScoredResponse(False, parsed.reason, None, token_length(tokenizer, response), False, None, None)
-    grade = grading.grade(parsed.solution, _gold_text(gold))
+    grade = _grade(parsed.solution, _gold_text(gold), extraction)
     return ScoredResponse(
         format_ok=True,
         format_error=None,
@@ -197,6 +203,13 @@ def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | N
         predicted=grade.predicted,
         grading_error=grade.error,
     )
+
+
+def _grade(text: str, gold: str, extraction: str) -> grading.Grade:
+    """`grading.grade`; by default the very call of strict grading, `grade(text, gold)`, that it always was."""
+    if extraction == grading.BOXED:
+        return grading.grade(text, gold)
+    return grading.grade(text, gold, extraction=extraction)
 
 
 def _gold_text(gold: Any) -> str:
@@ -307,7 +320,8 @@ class SelfBudgeterScorer:
         key = _cache_key(response, gold)
         scored = self._cache.get(key)
         if scored is None:
-            scored = score_response(self.tokenizer, response, gold, self.cfg.max_budget)
+            scored = score_response(self.tokenizer, response, gold, self.cfg.max_budget,
+                                    extraction=self.cfg.answer_extraction)
             self._cache.put(key, scored)
         return scored
 
@@ -407,14 +421,15 @@ def make_reward_funcs(tokenizer: Any, cfg: RewardConfig | None = None) -> list[R
 class _Grader:
     CACHE_SIZE = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, extraction: str = grading.BOXED) -> None:
+        self.extraction = grading.check_extraction(extraction)
         self._cache = _BoundedCache(self.CACHE_SIZE)
 
     def grade(self, text: str, gold: Any) -> grading.Grade:
         key = _cache_key(text, gold)
         result = self._cache.get(key)
         if result is None:
-            result = grading.grade(text, _gold_text(gold))
+            result = _grade(text, _gold_text(gold), self.extraction)
             self._cache.put(key, result)
         return result
 
@@ -433,8 +448,8 @@ class AccuracyReward:
 
     __name__ = "accuracy_reward"
 
-    def __init__(self) -> None:
-        self._grader = _Grader()
+    def __init__(self, extraction: str = grading.BOXED) -> None:
+        self._grader = _Grader(extraction)
 
     def __call__(self, prompts: Sequence[Any] = (), completions: Sequence[Any] = (), **kwargs: Any) -> list[float]:
         return [1.0 if ok else 0.0 for ok in self._grader.correct(completions, kwargs)]
@@ -457,9 +472,9 @@ class KimiLengthReward:
 
     __name__ = "kimi_length_reward"
 
-    def __init__(self, tokenizer: Any = None) -> None:
+    def __init__(self, tokenizer: Any = None, extraction: str = grading.BOXED) -> None:
         self.tokenizer = tokenizer
-        self._grader = _Grader()
+        self._grader = _Grader(extraction)
 
     def _lengths(self, completions: Sequence[Any], completion_ids: Sequence[Sequence[int]] | None) -> list[int]:
         if completion_ids is not None:
@@ -494,11 +509,11 @@ class KimiLengthReward:
 
 
 def make_accuracy_reward(tokenizer: Any = None, cfg: RewardConfig | None = None) -> list[RewardFunc]:
-    return [AccuracyReward()]
+    return [AccuracyReward(cfg.answer_extraction if cfg else grading.BOXED)]
 
 
 def make_kimi_length_reward(tokenizer: Any = None, cfg: RewardConfig | None = None) -> list[RewardFunc]:
-    return [KimiLengthReward(tokenizer)]
+    return [KimiLengthReward(tokenizer, cfg.answer_extraction if cfg else grading.BOXED)]
 
 
 # Recipes name rewards by these keys; each value is a factory (tokenizer, cfg) -> reward functions. The
