@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from ..core.errors import UserError
 from ..core.grading import gsm8k_answer
@@ -522,3 +522,20 @@ def prompt_text(
         except FormatError as err:
             raise UserError(f"invalid budget {budget!r}: {err}") from None
     return text
+
+
+def write_splits(load_split: Callable[[str], list[Row]], splits: Sequence[str], prog: str, description: str,
+                 argv: Sequence[str] | None = None) -> int:
+    """The command line of a task made by code: write its fixed splits as `<out>/<split>.jsonl` (one row schema)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", type=Path, required=True, help="folder to write <split>.jsonl into")
+    parser.add_argument("--split", choices=list(splits), action="append", help="split(s) to write (default: all)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for split in args.split or list(splits):
+        rows = load_split(split)
+        write_jsonl(args.out / f"{split}.jsonl", [r.to_dict() for r in rows])
+        print(f"{split}: {len(rows)} rows -> {args.out / f'{split}.jsonl'}")
+    return 0

@@ -24,13 +24,11 @@ dataset is registered in `selfbudgeter.data.TASKS` under that name (`--dataset w
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import Row, write_jsonl
+from . import Row, write_splits
 
 SOURCE = "word-problems"
 MIN_OPS, MAX_OPS = 1, 3
@@ -222,24 +220,9 @@ def load_split(split: str) -> list[Row]:
     return list(_cached(split))
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m selfbudgeter.data.word_problems",
-        description="Write the word-problem task's fixed splits as JSONL (one row schema).",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write <split>.jsonl into")
-    parser.add_argument("--split", choices=list(SPLITS), action="append", help="split(s) to write (default: all)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split in args.split or list(SPLITS):
-        rows = load_split(split)
-        write_jsonl(args.out / f"{split}.jsonl", [r.to_dict() for r in rows])
-        print(f"{split}: {len(rows)} rows -> {args.out / f'{split}.jsonl'}")
-    return 0
+    description = "Write the word-problem task's fixed splits as JSONL (one row schema)."
+    return write_splits(load_split, SPLITS, "python -m selfbudgeter.data.word_problems", description, argv)
 
 
 if __name__ == "__main__":

@@ -33,15 +33,13 @@ never used by any split or trace: they measure robustness to new wording.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import random
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..core.grading import is_correct
-from ..data import Row, write_jsonl
+from ..data import Row, write_splits
 
 MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
@@ -388,21 +386,6 @@ def reworded(rows: list[Row], seed: int = 0, nouns: tuple[str, ...] = UNSEEN_OBJ
     return out
 
 
-def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="selfbudgeter task",
-        description="Write the embedded arithmetic task's fixed splits as JSONL (one row schema).",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="folder to write <split>.jsonl into")
-    parser.add_argument("--split", choices=list(SPLITS), action="append", help="split(s) to write (default: all)")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = make_parser().parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for split in args.split or list(SPLITS):
-        rows = load_split(split)
-        write_jsonl(args.out / f"{split}.jsonl", [r.to_dict() for r in rows])
-        print(f"{split}: {len(rows)} rows -> {args.out / f'{split}.jsonl'}")
-    return 0
+    description = "Write the embedded arithmetic task's fixed splits as JSONL (one row schema)."
+    return write_splits(load_split, SPLITS, "selfbudgeter task", description, argv)
