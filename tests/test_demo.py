@@ -127,6 +127,10 @@ def test_table_says_no_budget_for_the_base_model(tmp_path, monkeypatch, capsys):
          ["kept 99% of the base model's accuracy (97.0% against 97.8%, -0.8 points)", "at 38% of its length",
           "96% of its answers landed within ±20% of the budget it stated", "Spearman 0.93",
           "user budgets from 0.5x to 2x its own estimate were followed with slope 0.97", "165 tokens"], []),
+        # a model that ignores user budgets is not said to follow them
+        ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": 0.0}},
+         ["user budgets from 0.5x to 2x its own estimate were not followed: length moved with slope 0.00"],
+         ["were followed"]),
         # no control runs, no Spearman: those clauses are left out, not printed as None
         ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": None, "control": [],
                                          "spearman_budget_difficulty": None}},
