@@ -356,9 +356,9 @@ def test_each_completion_is_graded_once_per_batch(tokenizer, monkeypatch):
     calls = []
     real = grading.grade
 
-    def counting(text, gold):
+    def counting(text, gold, **kwargs):
         calls.append(text)
-        return real(text, gold)
+        return real(text, gold, **kwargs)
 
     monkeypatch.setattr(grading, "grade", counting)
     completions = [render_response(10, solution(n)) for n in (3, 6, 9)]
@@ -368,7 +368,7 @@ def test_each_completion_is_graded_once_per_batch(tokenizer, monkeypatch):
 
 def test_grading_error_counts_as_wrong_and_is_logged(tokenizer, monkeypatch, caplog):
     failed = SimpleNamespace(correct=True, predicted="42", error="timeout")
-    monkeypatch.setattr(grading, "grade", lambda text, gold: failed)
+    monkeypatch.setattr(grading, "grade", lambda text, gold, **kwargs: failed)
     completions = [render_response(10, solution(9))] * 2
     with caplog.at_level(logging.WARNING, logger="selfbudgeter.training.rewards"):
         values = total(make_reward_funcs(tokenizer), completions, b_max=[100.0] * 2)

@@ -193,7 +193,7 @@ def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | N
     parsed = try_parse(response, max_budget)
     if isinstance(parsed, FormatError):
         return ScoredResponse(False, parsed.reason, None, token_length(tokenizer, response), False, None, None)
-    grade = _grade(parsed.solution, _gold_text(gold), extraction)
+    grade = grading.grade(parsed.solution, _gold_text(gold), extraction=extraction)
     return ScoredResponse(
         format_ok=True,
         format_error=None,
@@ -203,13 +203,6 @@ def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | N
         predicted=grade.predicted,
         grading_error=grade.error,
     )
-
-
-def _grade(text: str, gold: str, extraction: str) -> grading.Grade:
-    """`grading.grade`; by default the very call of strict grading, `grade(text, gold)`, that it always was."""
-    if extraction == grading.BOXED:
-        return grading.grade(text, gold)
-    return grading.grade(text, gold, extraction=extraction)
 
 
 def _gold_text(gold: Any) -> str:
@@ -429,7 +422,7 @@ class _Grader:
         key = _cache_key(text, gold)
         result = self._cache.get(key)
         if result is None:
-            result = _grade(text, _gold_text(gold), self.extraction)
+            result = grading.grade(text, _gold_text(gold), extraction=self.extraction)
             self._cache.put(key, result)
         return result
 
