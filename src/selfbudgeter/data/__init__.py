@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Container, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from ..core.errors import UserError
 from ..core.grading import gsm8k_answer
@@ -539,3 +539,25 @@ def write_splits(load_split: Callable[[str], list[Row]], splits: Sequence[str], 
         write_jsonl(args.out / f"{split}.jsonl", [r.to_dict() for r in rows])
         print(f"{split}: {len(rows)} rows -> {args.out / f'{split}.jsonl'}")
     return 0
+
+
+Problem = TypeVar("Problem")
+
+
+def draw_split(sample: Callable[[Any, int], Problem], key: Callable[[Problem], object], size: int, seed: int,
+               levels: Sequence[int], held_out: Container = frozenset()) -> list[Problem]:
+    """`size` problems of a task made by code, `sample(rng, level)` with the levels in turn (so each is equally
+    represented), none whose `key` is held out (another split's) or already drawn: one split, fixed by `seed`."""
+    import random
+
+    rng = random.Random(seed)
+    problems: list[Problem] = []
+    seen: set = set()
+    while len(problems) < size:
+        problem = sample(rng, levels[len(problems) % len(levels)])
+        k = key(problem)
+        if k in held_out or k in seen:
+            continue
+        seen.add(k)
+        problems.append(problem)
+    return problems

@@ -28,7 +28,7 @@ import functools
 import random
 from dataclasses import dataclass
 
-from . import Row, write_splits
+from . import Row, draw_split, write_splits
 
 SOURCE = "word-problems"
 MIN_OPS, MAX_OPS = 1, 3
@@ -172,22 +172,6 @@ def _key(problem: WordProblem) -> object:
     return (problem.start, problem.ops) if problem.steps >= 2 else problem.question()
 
 
-def _draw(split: str, held_out: frozenset) -> tuple[WordProblem, ...]:
-    size, seed = SPLITS[split]
-    rng = random.Random(seed)
-    problems: list[WordProblem] = []
-    seen: set = set()
-    while len(problems) < size:
-        steps = MIN_OPS + len(problems) % (MAX_OPS - MIN_OPS + 1)  # levels in turn
-        problem = sample_problem(rng, steps)
-        key = _key(problem)
-        if key in held_out or key in seen or problem.question() in held_out:
-            continue
-        seen.add(key)
-        problems.append(problem)
-    return tuple(problems)
-
-
 # Each split is drawn apart from the ones after it here: test first, then validation, then train.
 _HELD_OUT = {"test": (), "validation": ("test",), "train": ("validation", "test")}
 
@@ -196,7 +180,8 @@ _HELD_OUT = {"test": (), "validation": ("test",), "train": ("validation", "test"
 def split_problems(split: str) -> tuple[WordProblem, ...]:
     """The problems of a split, in row order."""
     held_out = frozenset().union(*(_keys(other) for other in _HELD_OUT[split]))
-    return _draw(split, held_out)
+    size, seed = SPLITS[split]
+    return tuple(draw_split(sample_problem, _key, size, seed, range(MIN_OPS, MAX_OPS + 1), held_out))
 
 
 def _keys(split: str) -> frozenset:

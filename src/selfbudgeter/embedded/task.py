@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass
 
 from ..core.grading import is_correct
-from ..data import Row, write_splits
+from ..data import Row, draw_split, write_splits
 
 MIN_STEPS, MAX_STEPS = 1, 8
 SPLITS = {"train": (20_000, 11), "validation": (400, 12), "test": (400, 13)}  # name -> (size, seed)
@@ -326,28 +326,11 @@ def _rough_tokens(text: str) -> int:
 
 def _rows(split: str) -> list[Row]:
     size, seed = SPLITS[split]
-    rng = random.Random(seed)
     held_out = set() if split != "train" else {_key(r.question) for s in ("validation", "test") for r in load_split(s)}
-    rows: list[Row] = []
-    seen: set = set()
-    while len(rows) < size:
-        steps = MIN_STEPS + len(rows) % (MAX_STEPS - MIN_STEPS + 1)  # levels in turn
-        problem = sample_problem(rng, steps)
-        key = _key(problem.question())
-        if key in held_out or key in seen:
-            continue
-        seen.add(key)
-        rows.append(
-            Row(
-                id=f"{SOURCE}-{split}-{len(rows)}",
-                question=problem.question(),
-                answer=str(problem.answer),
-                solution=minimal_solution(problem),
-                difficulty=steps,
-                source=SOURCE,
-            )
-        )
-    return rows
+    problems = draw_split(sample_problem, lambda p: _key(p.question()), size, seed,
+                          range(MIN_STEPS, MAX_STEPS + 1), held_out)
+    return [Row(id=f"{SOURCE}-{split}-{i}", question=p.question(), answer=str(p.answer),
+                solution=minimal_solution(p), difficulty=p.steps, source=SOURCE) for i, p in enumerate(problems)]
 
 
 def _key(question: str) -> object:
