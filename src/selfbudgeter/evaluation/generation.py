@@ -23,10 +23,10 @@ How this departs from `model.generate(do_sample=True)`:
    `generation_config` sampling settings are ignored so that a run is described by its config alone.
 3. The K/V cache is preallocated for the batch's whole length and written in place (`_kv_cache`), instead
    of transformers' `DynamicCache`, which re-allocates it with `torch.cat` at every step.
-4. Once half of a batch has stopped, `generate` is interrupted and the unfinished rows go on alone, from a
-   prefill of prompt + tokens so far (`_decode`): stopped rows would otherwise cost a decode step each.
-   A row's random numbers depend on its seed and step only, so this changes nothing but floating point
-   (prefill and decode compute the same logits in a different order), as under (2).
+4. Once half of a batch has stopped, `generate` is interrupted and the unfinished rows go on alone with
+   their rows of the K/V cache (`_decode`): stopped rows would otherwise cost a decode step each. A row's
+   random numbers depend on its seed and step only, so this changes nothing but floating point (a smaller
+   batch computes the same logits in a different order), as under (2).
 
 The vLLM backend passes the same per-prompt seeds through `SamplingParams(seed=...)`; vLLM then
 guarantees (1), and (2) up to the floating-point differences between batch shapes.
@@ -286,8 +286,8 @@ class _Unfinished:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _kv_cache(model: Any, length: int) -> dict[str, Any]:
-    """`generate` keyword arguments for a preallocated K/V cache of `length` positions (empty: not supported)."""
+def _kv_cache(model: Any, length: int) -> Any:
+    """A preallocated K/V cache of `length` positions for `generate`, or None where it is not supported."""
     import inspect
 
     from transformers.cache_utils import Cache, DynamicLayer
@@ -315,6 +315,15 @@ def _kv_cache(model: Any, length: int) -> dict[str, Any]:
             self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices) -> None:
+            """Keep the rows `indices` (batch compaction): their K/V are copied, not computed again."""
+            if not self.is_initialized:
+                return
+            end = self.keys.shape[-2]
+            self.key_buffer = self.key_buffer.index_select(0, indices)
+            self.value_buffer = self.value_buffer.index_select(0, indices)
+            self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+
     params = inspect.signature(model.forward).parameters
     name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
     config = model.config.get_text_config(decoder=True)
@@ -323,8 +332,8 @@ def _kv_cache(model: Any, length: int) -> dict[str, Any]:
     full = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
     sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
     if name is None or not layers or not full or sliding:
-        return {}
-    return {name: Cache(layers=[Preallocated() for _ in range(layers)])}
+        return None
+    return name, Cache(layers=[Preallocated() for _ in range(layers)])
 
 
 def _decode(
@@ -334,7 +343,8 @@ def _decode(
     """The generated tokens of every row of one batch, each cut after its stop token.
 
     With `compact`, `generate` is interrupted once that share of the rows has stopped; the others go on in a new
-    call on prompt + tokens so far (a prefill, then decoding in a smaller batch). The sampler's step counts
+    call on prompt + tokens so far, in a smaller batch. With the preallocated cache the rows kept keep their
+    K/V (only the last token is fed again); without it, the new call prefills them. The sampler's step counts
     from `width`, the original prompt width, so a row draws the same random numbers either way.
     """
     import torch
@@ -343,6 +353,7 @@ def _decode(
     rows = list(range(input_ids.shape[0]))
     out: list[list[int]] = [[] for _ in rows]
     left = new_tokens
+    cache = _kv_cache(model, input_ids.shape[1] + new_tokens)
     while True:
         config = GenerationConfig(
             max_new_tokens=left, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_ids
@@ -359,7 +370,7 @@ def _decode(
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=stopping,
-            **_kv_cache(model, input_ids.shape[1] + left),
+            **({} if cache is None else {cache[0]: cache[1]}),
         )
         start = input_ids.shape[1]
         going = []
@@ -376,6 +387,8 @@ def _decode(
         input_ids = output.index_select(0, keep)
         attention = torch.cat([attention.index_select(0, keep), grown], dim=1)
         rows = [rows[j] for j in going]
+        if cache is not None:
+            cache[1].batch_select_indices(keep)
 
 
 def _generate_transformers(
