@@ -467,3 +467,25 @@ def test_follow_term_has_a_slope_at_every_length_under_a_user_budget(tokenizer):
         RewardConfig(follow_penalty=-0.6)
     with pytest.raises(ValueError, match="follow_penalty"):
         RewardConfig(follow_penalty=0.1)
+
+
+def test_prefill_alpha_scores_user_budgets_with_a_fixed_alpha(tokenizer):
+    """With prefill_alpha, a response under a user budget is scored at that alpha whatever the schedule's: at
+    step 0 (alpha 6) the schedule pays a correct answer under a user budget of 100 more for 30 tokens than for
+    90; prefill_alpha 0.1 pays 90 (its peak) fully and 30 at the minimum. Own budgets keep the schedule's alpha."""
+    from selfbudgeter.training.rewards import RewardConfig, make_reward_funcs
+
+    state = SimpleNamespace(global_step=0, max_steps=100)
+
+    def s_of(cfg, length, prefill=True):
+        text = solution(length) + "</solution>" if prefill else render_response(100, solution(length))
+        parts = call_all(make_reward_funcs(tokenizer, cfg), [text], prefill_budget=[100 if prefill else None],
+                         b_max=[200.0], trainer_state=state)
+        return parts[2][0]  # format, budget penalty, S
+
+    schedule, fixed = RewardConfig(), RewardConfig(prefill_alpha=0.1)
+    assert s_of(schedule, 30) > s_of(schedule, 90)
+    assert s_of(fixed, 90) == pytest.approx(CFG.correct_max) and s_of(fixed, 30) == pytest.approx(CFG.correct_min)
+    assert s_of(fixed, 30, prefill=False) == pytest.approx(s_of(schedule, 30, prefill=False))
+    with pytest.raises(ValueError, match="prefill_alpha"):
+        RewardConfig(prefill_alpha=1.0)

@@ -64,6 +64,10 @@ class RewardConfig:
     # loose (target near 0) for most of the schedule, so it teaches following only at the end, and only for
     # budgets near the policy's own length; this term has a slope at every length. 0: the SPEC reward alone.
     follow_penalty: float = 0.0
+    # Beyond the paper: alpha for a response under a *user* budget (None: the schedule's). The schedule's alpha
+    # is loose for most of a run, so S pays a correct answer for being short whatever budget the user set; a
+    # fixed small alpha pays meeting that budget from the first step.
+    prefill_alpha: float | None = None
     # How the final answer is read (`grading.EXTRACTIONS`): "boxed", the paper's strict `\\boxed{}`, or the opt-in
     # "lenient" (the last "= N", else the last number) for models that answer in prose. Never lenient by default.
     answer_extraction: str = "boxed"
@@ -97,6 +101,8 @@ class RewardConfig:
             )
         if self.alpha_start < 0 or self.alpha_end < 0:
             raise ValueError(f"alpha_start ({self.alpha_start}) and alpha_end ({self.alpha_end}) must be >= 0")
+        if self.prefill_alpha is not None and not 0 <= self.prefill_alpha < 1:
+            raise ValueError(f"prefill_alpha ({self.prefill_alpha}) must be in [0, 1), or null for the schedule's")
         if self.alpha_steps is not None and (isinstance(self.alpha_steps, bool) or self.alpha_steps < 1):
             raise ValueError(f"alpha_steps ({self.alpha_steps}) must be >= 1, or null for the whole run")
         if self.max_budget < 1:
@@ -342,7 +348,9 @@ class SelfBudgeterScorer:
                 continue
             fmt.append(0.0)
             pb.append(budget_penalty(item.budget, b_max, self.cfg))
-            s.append(precise_budget_score(item.correct, item.length, item.budget, alpha, self.cfg))
+            user_alpha = self.cfg.prefill_alpha if user_budget is not None else None
+            s.append(precise_budget_score(item.correct, item.length, item.budget,
+                                          alpha if user_alpha is None else user_alpha, self.cfg))
             follow.append(follow_score(item.correct, item.length, user_budget, self.cfg))
         return _Parts(fmt, pb, s, follow)
 
