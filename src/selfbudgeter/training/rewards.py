@@ -68,6 +68,9 @@ class RewardConfig:
     # is loose for most of a run, so S pays a correct answer for being short whatever budget the user set; a
     # fixed small alpha pays meeting that budget from the first step.
     prefill_alpha: float | None = None
+    # Beyond the paper (L1-style): let the follow term outweigh accuracy, so that a wrong answer that meets the
+    # user's budget can score above a correct one far from it. Off: the SPEC's ordering, correct above wrong.
+    follow_over_accuracy: bool = False
     # How the final answer is read (`grading.EXTRACTIONS`): "boxed", the paper's strict `\\boxed{}`, or the opt-in
     # "lenient" (the last "= N", else the last number) for models that answer in prose. Never lenient by default.
     answer_extraction: str = "boxed"
@@ -82,10 +85,12 @@ class RewardConfig:
             raise ValueError(f"budget_penalty ({self.budget_penalty}) is a penalty: it must be <= 0")
         if self.follow_penalty > 0:
             raise ValueError(f"follow_penalty ({self.follow_penalty}) is a penalty: it must be <= 0")
-        if self.correct_min + self.budget_penalty + self.follow_penalty < self.wrong_max:
+        outweighed = self.correct_min + self.budget_penalty + self.follow_penalty < self.wrong_max
+        if outweighed and not self.follow_over_accuracy:
             raise ValueError(
                 f"follow_penalty ({self.follow_penalty}) lets a wrong answer beat a correct one: correct_min + "
-                f"budget_penalty + follow_penalty must be >= wrong_max ({self.wrong_max})"
+                f"budget_penalty + follow_penalty must be >= wrong_max ({self.wrong_max}), or set "
+                "follow_over_accuracy"
             )
         if self.correct_min + self.budget_penalty < self.wrong_max:
             raise ValueError(
