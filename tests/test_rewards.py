@@ -467,6 +467,7 @@ def test_follow_term_has_a_slope_at_every_length_under_a_user_budget(tokenizer):
         RewardConfig(follow_penalty=-0.6)
     strong = RewardConfig(follow_penalty=-1.5, follow_over_accuracy=True)  # L1-style: may outweigh accuracy
     assert CFG.correct_min + follow_score(True, 400, 100, strong) < CFG.wrong_max
+    assert follow_score(False, 400, 100, strong) == -1.5 and follow_score(False, 100, 100, strong) == 0.0
     with pytest.raises(ValueError, match="follow_penalty"):
         RewardConfig(follow_penalty=0.1)
 

@@ -69,7 +69,8 @@ class RewardConfig:
     # fixed small alpha pays meeting that budget from the first step.
     prefill_alpha: float | None = None
     # Beyond the paper (L1-style): let the follow term outweigh accuracy, so that a wrong answer that meets the
-    # user's budget can score above a correct one far from it. Off: the SPEC's ordering, correct above wrong.
+    # user's budget can score above a correct one far from it; the term then applies to wrong answers too.
+    # Off: the SPEC's ordering, correct above wrong.
     follow_over_accuracy: bool = False
     # How the final answer is read (`grading.EXTRACTIONS`): "boxed", the paper's strict `\\boxed{}`, or the opt-in
     # "lenient" (the last "= N", else the last number) for models that answer in prose. Never lenient by default.
@@ -141,9 +142,10 @@ def precise_budget_score(
 
 
 def follow_score(correct: bool, length: float, user_budget: float | None, cfg: RewardConfig | None = None) -> float:
-    """The follow term: follow_penalty x min(1, |l - b| / b) for a correct answer under a user budget b, else 0."""
+    """The follow term: follow_penalty x min(1, |l - b| / b) for a correct answer under a user budget b (for any
+    answer with follow_over_accuracy, as in L1, so that a wrong answer cannot escape it), else 0."""
     cfg = cfg or RewardConfig()
-    if not correct or user_budget is None or cfg.follow_penalty == 0:
+    if not (correct or cfg.follow_over_accuracy) or user_budget is None or cfg.follow_penalty == 0:
         return 0.0
     return cfg.follow_penalty * min(1.0, abs(length - user_budget) / user_budget)
 
