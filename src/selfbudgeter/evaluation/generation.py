@@ -286,8 +286,8 @@ class _Unfinished:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def _kv_cache(model: Any, length: int) -> Any:
-    """A preallocated K/V cache of `length` positions for `generate`, or None where it is not supported."""
+def _kv_cache(model: Any, length: int) -> dict[str, Any]:
+    """`generate` keyword arguments for a preallocated K/V cache of `length` positions (empty: not supported)."""
     import inspect
 
     from transformers.cache_utils import Cache, DynamicLayer
@@ -332,8 +332,8 @@ def _kv_cache(model: Any, length: int) -> Any:
     full = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
     sliding = bool(getattr(config, "sliding_window", None)) and getattr(config, "use_sliding_window", True)
     if name is None or not layers or not full or sliding:
-        return None
-    return name, Cache(layers=[Preallocated() for _ in range(layers)])
+        return {}
+    return {name: Cache(layers=[Preallocated() for _ in range(layers)])}
 
 
 def _decode(
@@ -353,7 +353,7 @@ def _decode(
     rows = list(range(input_ids.shape[0]))
     out: list[list[int]] = [[] for _ in rows]
     left = new_tokens
-    cache = _kv_cache(model, input_ids.shape[1] + new_tokens)
+    cache = _kv_cache(model, input_ids.shape[1] + new_tokens)  # one for the whole batch, compactions included
     while True:
         config = GenerationConfig(
             max_new_tokens=left, do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos_ids
@@ -370,7 +370,7 @@ def _decode(
             generation_config=config,
             logits_processor=processors,
             stopping_criteria=stopping,
-            **({} if cache is None else {cache[0]: cache[1]}),
+            **cache,
         )
         start = input_ids.shape[1]
         going = []
@@ -387,8 +387,8 @@ def _decode(
         input_ids = output.index_select(0, keep)
         attention = torch.cat([attention.index_select(0, keep), grown], dim=1)
         rows = [rows[j] for j in going]
-        if cache is not None:
-            cache[1].batch_select_indices(keep)
+        for kept in cache.values():
+            kept.batch_select_indices(keep)
 
 
 def _generate_transformers(

@@ -355,9 +355,9 @@ class SelfBudgeterScorer:
                 continue
             fmt.append(0.0)
             pb.append(budget_penalty(item.budget, b_max, self.cfg))
-            user_alpha = self.cfg.prefill_alpha if user_budget is not None else None
+            fixed = user_budget is not None and self.cfg.prefill_alpha is not None
             s.append(precise_budget_score(item.correct, item.length, item.budget,
-                                          alpha if user_alpha is None else user_alpha, self.cfg))
+                                          self.cfg.prefill_alpha if fixed else alpha, self.cfg))
             follow.append(follow_score(item.correct, item.length, user_budget, self.cfg))
         return _Parts(fmt, pb, s, follow)
 
