@@ -53,8 +53,9 @@ MAIN = [
     rec("r1", 100, 100, True, difficulty=1),  # relative error 0
     rec("r2", 100, 120, True, difficulty=1),  # +0.2: on the 20% boundary
     rec("r3", 200, 150, False, difficulty=2, grading_error="timeout"),  # -0.25
-    rec("r4", 400, 600, True, difficulty=3),  # +0.5
-    rec("r5", None, 1000, False, difficulty=3, format_error="missing_budget", response="x" * 400),
+    rec("r4", 400, 600, True, difficulty=3, finish_reason="stop"),  # +0.5
+    rec("r5", None, 1000, False, difficulty=3, format_error="missing_budget", response="x" * 400,
+        finish_reason="length"),
 ]
 # Own estimates 100 (question a, difficulty 1) and 200 (question b, difficulty 3), prefilled at 0.5x and 2x.
 CONTROL = [
@@ -99,6 +100,7 @@ CONTROL_SLOPE = math.log(220 / 50) / math.log(200 / 50)
         ("control_slope", CONTROL_SLOPE),
         ("control_within_20", 2 / 4),  # 50 of 50 and 220 of 200 yes, 150 of 100 no, the broken one a miss
         ("format_failure_rate", 1 / 5),
+        ("cut_rate", 1 / 2),  # of the two records that say how they ended, r5 ran to the cap
         ("grading_failures", 2),  # one main, one control
     ],
 )

@@ -244,7 +244,7 @@ def test_one_table_builder_serves_the_report_eval_and_the_profile(capsys):
     summaries = {"base": metrics.summarize(synthetic_records("plain")),
                  "selfbudgeter": metrics.summarize(synthetic_records("budgeted"))}
     rows = report.table_rows(summaries)
-    assert rows[1][-1] == "no budgets" and report.never_budgets(summaries["base"])
+    assert rows[1][-2] == "no budgets" and report.never_budgets(summaries["base"])
     assert not report.never_budgets(summaries["selfbudgeter"])
     assert report.markdown_table(rows)[2] == "| " + " | ".join(rows[1]) + " |"
     report.print_table(rows, "a title", "a note")

@@ -5,7 +5,8 @@ Record schema:
     id, difficulty (number | None), gold, response (full text), prefill_budget (int | None),
     control_multiplier (float | None), budget (int | None: parsed or prefilled), length (int: solution
     tokens; whole-response tokens when the format is broken), format_ok (bool), format_error (str | None),
-    correct (bool), grading_error (str | None), predicted (str | None), sample (int), decoder (str:
+    correct (bool), grading_error (str | None), predicted (str | None), sample (int), finish_reason (str:
+    "stop", or "length" when the generation cap cut the response; missing on hand-made records), decoder (str:
     "model" when the model wrote the response alone, else the decode-time budget option that shaped it:
     "cap", "extend", "cap_extend"; missing means "model"), forced (bool: the decoder changed the
     response), on control records min_solution_tokens (int | None: tokens of the question's reference
@@ -29,6 +30,9 @@ User control (METHOD.md, "User control, how we measure it"), on control records:
    only (budget >= min_solution_tokens; every budget when that is unknown). A broken response is a miss.
 3. `control_accuracy`: per multiplier, accuracy (broken responses are wrong), accuracy on the hardest
    third of the control questions by difficulty (ties at the cut included), mean length and within_20.
+
+`cut_rate` is the share of responses the generation cap cut (finish_reason "length"): a model that loops
+until the cap shows here (None when no record says how it ended).
 
 Every value returned is plain Python (float, int, str, None, list, dict), NaN becomes None: JSON-ready.
 """
@@ -351,6 +355,7 @@ def _summary(records: Sequence[Record], baseline_mean_tokens: float | None, deco
         **part_metrics(main),
         "format_failure_rate": _mean([not r.get("format_ok") for r in main]),
         "format_failures": format_failures(main),
+        "cut_rate": _mean([r["finish_reason"] == "length" for r in main if r.get("finish_reason")]),
     }
 
 

@@ -174,8 +174,9 @@ COLUMNS = (
     ("Spearman", "spearman_budget_difficulty"),
     ("control slope", "control_slope"),
     ("format failures", "format_failure_rate"),
+    ("cut at cap", "cut_rate"),  # responses the generation cap stopped: loops
 )
-_PERCENT = {"accuracy", "compression", "within_20", "format_failure_rate"}
+_PERCENT = {"accuracy", "compression", "within_20", "format_failure_rate", "cut_rate"}
 # Columns that only mean something for a model that writes budgets.
 BUDGET_COLUMNS = ("within_20", "length_budget_slope", "spearman_budget_difficulty", "control_slope",
                   "format_failure_rate")
