@@ -34,6 +34,8 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/demo/models/selfbudgeter")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--answer-extraction", default="boxed", choices=["boxed", "lenient"],
+                        help="passed to serve: lenient for a model that answers in prose")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -41,7 +43,7 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "selfbudgeter.cli", "serve", "--model", args.model,
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--answer-extraction", args.answer_extraction], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(120):
             try:

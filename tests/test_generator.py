@@ -661,3 +661,19 @@ def test_a_preset_budget_is_lowered_to_the_context(tiny):
 def test_lone_surrogates_are_a_user_error(scripted):
     with pytest.raises(UserError, match="Unicode"):
         scripted.submit(GenerationRequest("What is \ud800?"))
+
+
+def test_lenient_extraction_reads_a_prose_answer_the_default_leaves_empty(embedded_tokenizer):
+    # A model trained on prose answers (docs/scale.md, SmolLM2) boxes nothing: the default reads no answer.
+    prose = "Ben has 10 + 1 = 11 stamps in total."
+    answers = {}
+    for extraction in ("boxed", "lenient"):
+        model = scripted_model(embedded_tokenizer, content=prose)
+        with BudgetGenerator(model, embedded_tokenizer, eager=False, answer_extraction=extraction) as gen:
+            final = list(gen.stream(GenerationRequest("How many stamps?", temperature=0)))[-1]
+        assert final.solution == prose
+        answers[extraction] = final.answer
+    assert answers == {"boxed": None, "lenient": "11"}
+    with pytest.raises(UserError, match="boxed, lenient"):
+        BudgetGenerator(scripted_model(embedded_tokenizer), embedded_tokenizer, answer_extraction="loose",
+                        warmup=False)

@@ -65,7 +65,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from ..core import format as fmt
 from ..core.errors import UserError
-from ..core.grading import extract_answer
+from ..core.grading import BOXED, extract_answer, extract_answer_lenient, check_extraction
 from ..data import SYSTEM_PROMPT, prompt_text
 from ..evaluation.generation import SAMPLING_EPS, draw, sample_seed, seed_tensor
 
@@ -444,10 +444,18 @@ class BudgetGeneratorBase:
         system_prompt: str | None,
         max_context: int | None,
         answer_suffix: str,
+        answer_extraction: str = BOXED,
     ):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.answer_suffix = answer_suffix
+        # How FinalEvent.answer is read: `boxed` (grading.extract_answer), or `lenient` for a model trained on
+        # prose answers that box nothing (grading.extract_answer_lenient, docs/grading.md).
+        try:
+            check_extraction(answer_extraction)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        self._extract_answer = extract_answer_lenient if answer_extraction != BOXED else extract_answer
         self.max_context = max_context or self._model_context()
         self._suffix_ids = tokenizer.encode(answer_suffix, add_special_tokens=False) if answer_suffix else []
         self._special_texts = _special_texts(tokenizer)
@@ -777,7 +785,7 @@ class BudgetGeneratorBase:
         # has the solution tags' tokens and misses the answer suffix's.
         used = 0 if row.budget is None else fmt.token_length(self.tokenizer, row.solution)
         final = FinalEvent(
-            answer=extract_answer(row.solution),
+            answer=self._extract_answer(row.solution),
             solution=row.solution,
             response=row.response,
             budget=row.budget,
@@ -868,6 +876,7 @@ class BudgetGenerator(BudgetGeneratorBase):
         eager: bool = True,
         max_concurrent_batches: int = 2,
         answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
+        answer_extraction: str = BOXED,
         warmup: bool = True,
     ):
         if max_batch_size < 1:
@@ -877,7 +886,8 @@ class BudgetGenerator(BudgetGeneratorBase):
         if batch_window < 0:
             raise UserError(f"batch_window must be >= 0, not {batch_window}")
         self.model = model
-        super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix)
+        super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix,
+                         answer_extraction=answer_extraction)
         self.max_batch_size = max_batch_size
         self.batch_window = batch_window
         self.eager = eager

@@ -1081,6 +1081,11 @@ def make_parser() -> argparse.ArgumentParser:
                         "vLLM's own max_num_seqs with vllm)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype")
+    parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default="boxed",
+                        choices=["boxed", "lenient"],
+                        help="how the final answer is read from a solution: boxed (\\boxed{}, '#### n', 'the "
+                        "answer is') or lenient, for a model trained on prose answers (also the last '= N', else "
+                        "the last number; docs/grading.md)")
     parser.add_argument("--tensor-parallel-size", type=_positive, default=1,
                         help="vllm: GPUs one model is split over")
     parser.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,
@@ -1112,10 +1117,11 @@ def load_generator(args: argparse.Namespace):
             gpu_memory_utilization=args.gpu_memory_utilization,
             max_model_len=args.max_model_len,
             max_batch_size=args.max_batch_size,
+            answer_extraction=args.answer_extraction,
         )
     from .generator import BudgetGenerator
 
-    return BudgetGenerator.from_pretrained(args.model, dtype=args.dtype,
+    return BudgetGenerator.from_pretrained(args.model, dtype=args.dtype, answer_extraction=args.answer_extraction,
                                            max_batch_size=args.max_batch_size or DEFAULT_BATCH_SIZE)
 
 

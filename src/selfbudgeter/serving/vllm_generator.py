@@ -69,6 +69,7 @@ class VLLMBudgetGenerator(BudgetGeneratorBase):
         system_prompt: str | None = SYSTEM_PROMPT,
         max_context: int | None = None,
         answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
+        answer_extraction: str = "boxed",
         generation_config=None,
         warmup: bool = True,
     ):
@@ -80,7 +81,8 @@ class VLLMBudgetGenerator(BudgetGeneratorBase):
         self._delta = importlib.import_module("vllm.sampling_params").RequestOutputKind.DELTA
         self.engine = engine
         self.generation_config = generation_config
-        super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix)
+        super().__init__(tokenizer, system_prompt=system_prompt, max_context=max_context, answer_suffix=answer_suffix,
+                         answer_extraction=answer_extraction)
         self._owns_engine = False
         self._wakes: dict[str, asyncio.Event] = {}
         self._futures: set[concurrent.futures.Future] = set()
