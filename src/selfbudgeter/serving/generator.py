@@ -65,7 +65,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from ..core import format as fmt
 from ..core.errors import UserError
-from ..core.grading import BOXED, extract_answer, extract_answer_lenient, check_extraction
+from ..core.grading import BOXED, extractor
 from ..data import SYSTEM_PROMPT, prompt_text
 from ..evaluation.generation import SAMPLING_EPS, draw, sample_seed, seed_tensor
 
@@ -452,10 +452,9 @@ class BudgetGeneratorBase:
         # How FinalEvent.answer is read: `boxed` (grading.extract_answer), or `lenient` for a model trained on
         # prose answers that box nothing (grading.extract_answer_lenient, docs/grading.md).
         try:
-            check_extraction(answer_extraction)
+            self._extract_answer = extractor(answer_extraction)
         except ValueError as err:
             raise UserError(str(err)) from None
-        self._extract_answer = extract_answer_lenient if answer_extraction != BOXED else extract_answer
         self.max_context = max_context or self._model_context()
         self._suffix_ids = tokenizer.encode(answer_suffix, add_special_tokens=False) if answer_suffix else []
         self._special_texts = _special_texts(tokenizer)

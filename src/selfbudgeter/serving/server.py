@@ -74,6 +74,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..core.errors import UserError
 from ..core.format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
+from ..core.grading import BOXED, EXTRACTIONS
 from . import generator as genlib
 
 logger = logging.getLogger(__name__)
@@ -1081,8 +1082,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "vLLM's own max_num_seqs with vllm)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype")
-    parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default="boxed",
-                        choices=["boxed", "lenient"],
+    parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default=BOXED,
+                        choices=EXTRACTIONS,
                         help="how the final answer is read from a solution: boxed (\\boxed{}, '#### n', 'the "
                         "answer is') or lenient, for a model trained on prose answers (also the last '= N', else "
                         "the last number; docs/grading.md)")

@@ -48,6 +48,7 @@ import uuid
 from typing import Any, Callable
 
 from ..core import format as fmt
+from ..core.grading import BOXED
 from ..data import SYSTEM_PROMPT, prompt_text
 from ..evaluation.generation import _import_vllm
 from .generator import DEFAULT_ANSWER_SUFFIX, BudgetGeneratorBase, GenerationHandle, _Row
@@ -69,7 +70,7 @@ class VLLMBudgetGenerator(BudgetGeneratorBase):
         system_prompt: str | None = SYSTEM_PROMPT,
         max_context: int | None = None,
         answer_suffix: str = DEFAULT_ANSWER_SUFFIX,
-        answer_extraction: str = "boxed",
+        answer_extraction: str = BOXED,
         generation_config=None,
         warmup: bool = True,
     ):
