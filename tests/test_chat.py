@@ -137,6 +137,19 @@ def test_json_one_shot_prints_one_object(launcher, fast_model_dir):
     assert 0 < result["seconds_to_budget"] <= result["seconds_total"]
 
 
+def test_lenient_extraction_reads_the_answer_of_a_prose_model(launcher, tmp_path, embedded_tokenizer):
+    from test_generator import save_scripted
+
+    prose = save_scripted(tmp_path / "prose", embedded_tokenizer, content="Ben has 10 + 1 = 11 stamps in total.")
+    answers = []
+    for extraction in ([], ["--answer-extraction", "lenient"]):
+        done = _run("--model", str(prose), "--question", "How many stamps?", "--json", *extraction,
+                    launcher=launcher)
+        assert done.returncode == 0, done.stderr
+        answers.append(json.loads(done.stdout)["answer"])
+    assert answers == [None, "11"]
+
+
 def test_json_with_a_user_budget_on_the_real_model(tiny_model_dir):
     args = ["--model", str(tiny_model_dir), "--budget", "8", "--question", "What is 2+3?", "--json"]
     done = _run(*args, "--max-new-tokens", "12", "--seed", "0", "--enforce")

@@ -39,6 +39,21 @@ def test_only_correct_well_formed_own_budgets_are_relabelled(scorer, embedded_to
     assert relabel_targets(scorer, completions, rows) == [tag, None, None, None, tag]
 
 
+@pytest.mark.parametrize("scope", ["tag", "response"])
+def test_wrong_relabels_the_tags_of_wrong_answers_and_never_their_solutions(scorer, embedded_tokenizer, scope):
+    wrong_solution = SOLUTION.replace("{7}", "{8}") + "\nCheck: 3+4=7."
+    right, wrong = (token_length(embedded_tokenizer, s) for s in (SOLUTION, wrong_solution))
+    assert right != wrong
+    completions = [render_response(99, SOLUTION), render_response(99, wrong_solution),
+                   "<budget>abc</budget><solution>" + wrong_solution + "</solution>",  # broken: still nothing
+                   wrong_solution + "</solution>"]  # a user's budget: not the model's estimate
+    rows = [{"answer": "7", "prefill_budget": None}] * 3 + [{"answer": "7", "prefill_budget": 40}]
+    first = render_prefill(right) if scope == "tag" else render_response(right, SOLUTION)
+    assert relabel_targets(scorer, completions, rows, scope=scope, wrong=True) == [
+        first, render_prefill(wrong), None, None]
+    assert relabel_targets(scorer, completions, rows, scope=scope)[1] is None
+
+
 def test_prefilled_relabels_correct_user_budget_rollouts_as_whole_responses(scorer, embedded_tokenizer):
     """With `prefilled`, a correct rollout under a user budget of 40 becomes its response under a budget equal
     to its length (an example of following); wrong ones still teach nothing; own budgets keep their scope."""
@@ -156,7 +171,7 @@ def test_grpo_with_relabelling_trains_and_logs_its_loss(tmp_path, tiny_model_dir
     target = render_prefill(9) if scope == "tag" else render_response(9, SOLUTION)
     seen = []
 
-    def targets(scorer, completions, rows, target_kind="own", scope="tag", prefilled=False):
+    def targets(scorer, completions, rows, target_kind="own", scope="tag", prefilled=False, wrong=False):
         seen.append(scope)
         return [target] * len(completions)
 

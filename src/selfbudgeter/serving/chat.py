@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from ..core.errors import UserError
+from ..core.grading import BOXED, EXTRACTIONS
 
 FINISH_TEXT = {
     "finished": "the model finished its solution",
@@ -46,6 +47,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default=BOXED,
+                        choices=EXTRACTIONS,
+                        help="how the final answer is read from a solution: boxed (\\boxed{}, '#### n', 'the "
+                        "answer is') or lenient, for a model trained on prose answers (docs/grading.md)")
     return parser
 
 
@@ -261,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     # In JSON mode stdout carries the one object; anything human goes to stderr.
     console = Console(stderr=args.json, highlight=False)
-    with BudgetGenerator.from_pretrained(args.model, device=args.device) as generator:
+    with BudgetGenerator.from_pretrained(args.model, device=args.device,
+                                         answer_extraction=args.answer_extraction) as generator:
         if args.json:
             handle = generator.submit(_request(args, args.question, budget))
             final = handle.result()

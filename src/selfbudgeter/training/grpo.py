@@ -104,6 +104,11 @@ class GRPOStageArgs:
         metadata={"help": "also relabel correct rollouts under a user budget: each becomes its whole response "
                   "under a budget of its own length, an example of following a budget (relabel.py)"},
     )
+    budget_relabel_wrong: bool = field(
+        default=False,
+        metadata={"help": "also relabel the budget tags (never the solutions) of well-formed wrong rollouts: a "
+                  "budget predicts a length, right or wrong (relabel.py)"},
+    )
 
     frozen_parameters: list[str] | None = field(
         default=None,
@@ -348,6 +353,7 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
         trainer_class, extra = RelabelGRPOTrainer, {
             "scorer": scorer, "weight": stage.budget_relabel_weight, "target": stage.budget_relabel_target,
             "scope": stage.budget_relabel_scope, "prefilled": stage.budget_relabel_prefilled,
+            "wrong": stage.budget_relabel_wrong,
         }
     trainer = trainer_class(
         model=source,

@@ -28,6 +28,12 @@ rewritten to the outcome reached and the policy is trained to reach it. Then the
 each example that a budget of l is followed by l tokens: where `tag` teaches the budget to predict the
 solution, `response` also teaches the solution to follow the budget.
 
+Wrong answers (`wrong`): a budget is a length estimate, and the length of a wrong answer is as real as that of
+a right one. With `wrong`, every well-formed rollout with its own budget teaches the tag its length, right
+or wrong; only the tag: a wrong solution is never trained (a wrong rollout keeps scope `tag` under scope
+`response`). A weak model is right mostly on its easiest questions, so relabelling right answers alone
+teaches it the budget of an easy question; its wrong answers to harder ones carry their longer lengths.
+
 Rollouts under a user budget (`prefilled`, beyond both): by default they teach nothing here, since their
 budget was not the model's. With `prefilled`, each correct one is rewritten as the answer to the same
 question under a budget equal to its measured length: the prompt loses the user's tag and the whole response
@@ -63,12 +69,14 @@ def peak_keep(alpha_end: float) -> float:
 
 
 def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows: Sequence[dict[str, Any]],
-                    target: str = "own", scope: str = "tag", prefilled: bool = False) -> list[str | None]:
+                    target: str = "own", scope: str = "tag", prefilled: bool = False,
+                    wrong: bool = False) -> list[str | None]:
     """Per completion, its budget tag restated with a measured solution length (its own; with `group_median`
     the median over the relabelled completions of the same prompt; with `peak` its own over 1 - alpha_end),
     followed with scope `response` by its solution; None when it teaches nothing (a broken format, a wrong
-    answer, a budget the user prefilled unless `prefilled`). With `prefilled`, a correct user-budget rollout
-    becomes its whole response under a budget of its own length, whatever the target and scope."""
+    answer unless `wrong`, a budget the user prefilled unless `prefilled`). With `wrong`, a wrong answer's
+    target is its tag alone, whatever the scope. With `prefilled`, a correct user-budget rollout becomes its
+    whole response under a budget of its own length, whatever the target and scope."""
     if target not in TARGETS:
         raise ValueError(f"relabel target must be one of {', '.join(TARGETS)}, not {target!r}")
     if scope not in SCOPES:
@@ -79,11 +87,13 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
     scored = scorer.batch(completions, answer=golds, prefill_budget=prefills)
     lengths: list[int | None] = []
     user: list[int | None] = []  # lengths of the correct user-budget rollouts that `prefilled` relabels
+    right: list[bool] = []
     for item, prefill in zip(scored, prefills):
         own = not _has_prefill(prefill)
-        ok = item.format_ok and item.correct and 1 <= item.length <= scorer.cfg.max_budget
-        lengths.append(item.length if ok and own else None)
-        user.append(item.length if ok and prefilled and not own else None)
+        formed = item.format_ok and 1 <= item.length <= scorer.cfg.max_budget
+        lengths.append(item.length if formed and own and (item.correct or wrong) else None)
+        user.append(item.length if formed and item.correct and prefilled and not own else None)
+        right.append(bool(item.correct))
     if target == "group_median":
         groups: dict[Any, list[int]] = defaultdict(list)
         for row, length in zip(rows, lengths):
@@ -95,13 +105,13 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
         lengths = [None if n is None else min(scorer.cfg.max_budget, round(n / keep)) for n in lengths]
     out = []
     # A length is set only where the scorer parsed the response, with the same max_budget: these parses succeed.
-    for text, n, u, prefill in zip(completions, lengths, user, prefills):
+    for text, n, u, prefill, correct in zip(completions, lengths, user, prefills, right):
         if u is not None:
             out.append(render_response(u, parse_response(render_prefill(int(prefill)) + text,
                                                          scorer.cfg.max_budget).solution))
         elif n is None:
             out.append(None)
-        elif scope == "tag":
+        elif scope == "tag" or not correct:
             out.append(render_prefill(n))
         else:
             out.append(render_response(n, parse_response(text, scorer.cfg.max_budget).solution))
@@ -161,20 +171,21 @@ class RelabelGRPOTrainer(GRPOTrainer):
     (or whole relabelled responses)."""
 
     def __init__(self, *args: Any, scorer: SelfBudgeterScorer, weight: float, target: str = "own",
-                 scope: str = "tag", prefilled: bool = False, **kwargs: Any):
+                 scope: str = "tag", prefilled: bool = False, wrong: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.budget_scorer = scorer
         self.relabel_weight = weight
         self.relabel_target = target
         self.relabel_scope = scope
         self.relabel_prefilled = prefilled
+        self.relabel_wrong = wrong
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
         ids = [row[mask.bool()] for row, mask in zip(output["completion_ids"], output["completion_mask"])]
         texts = self.processing_class.batch_decode(ids, skip_special_tokens=True)
         targets = relabel_targets(self.budget_scorer, texts, inputs, self.relabel_target, self.relabel_scope,
-                                  self.relabel_prefilled)
+                                  self.relabel_prefilled, self.relabel_wrong)
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["relabel/share"].append(sum(t is not None for t in targets) / max(1, len(targets)))
         prompt_ids, prompt_mask = output["prompt_ids"], output["prompt_mask"]
