@@ -52,6 +52,10 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 # The answer extractions `grade` knows: strict (the default) and lenient (opt-in, never the paper's).
 BOXED, LENIENT = "boxed", "lenient"
 EXTRACTIONS = (BOXED, LENIENT)
+# The help text of every command's answer-extraction option.
+EXTRACTION_HELP = ("how the final answer is read: boxed (\\boxed{}, '#### n' or 'the answer is'; the paper's, the "
+                   "default) or lenient (opt-in for a model that answers in prose: also the last '= N', else the "
+                   "last number; docs/grading.md)")
 
 # A number as prose writes it: a minus sign only where it cannot be subtraction ("10-5" is 10 and 5), comma
 # thousands ("1,000"), decimals; not the digits inside a word ("H2O") or after a decimal point.

@@ -49,7 +49,7 @@ from typing import Any, Literal
 from ..core.config import nullable
 from ..core.errors import UserError
 from ..core.format import DEFAULT_MAX_BUDGET, SOLUTION_CLOSE, SOLUTION_OPEN
-from ..core.grading import EXTRACTIONS
+from ..core.grading import EXTRACTION_HELP, EXTRACTIONS
 from ..data import SYSTEM_PROMPT
 from ..serving.generator import DEFAULT_ANSWER_SUFFIX
 
@@ -117,8 +117,7 @@ class EvalConfig:
     max_budget: int = field(default=DEFAULT_MAX_BUDGET, metadata={"help": "budgets above this are format failures"})
     answer_extraction: Literal["boxed", "lenient"] = field(
         default="boxed",
-        metadata={"help": "how the final answer is read: boxed (strict \\boxed{}, the paper's) or lenient (opt-in "
-                  "for models that answer in prose: the last '= N', else the last number; docs/grading.md)"},
+        metadata={"help": EXTRACTION_HELP},
     )
     baseline: str | None = field(
         default=None,

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from ..core.errors import UserError
-from ..core.grading import BOXED, EXTRACTIONS
+from ..core.grading import BOXED, EXTRACTION_HELP, EXTRACTIONS
 
 FINISH_TEXT = {
     "finished": "the model finished its solution",
@@ -48,9 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default=BOXED,
-                        choices=EXTRACTIONS,
-                        help="how the final answer is read from a solution: boxed (\\boxed{}, '#### n', 'the "
-                        "answer is') or lenient, for a model trained on prose answers (docs/grading.md)")
+                        choices=EXTRACTIONS, help=EXTRACTION_HELP)
     return parser
 
 

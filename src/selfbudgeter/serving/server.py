@@ -74,7 +74,7 @@ from typing import Any, AsyncIterator, Callable
 
 from ..core.errors import UserError
 from ..core.format import DEFAULT_MAX_BUDGET, FormatError, validate_budget
-from ..core.grading import BOXED, EXTRACTIONS
+from ..core.grading import BOXED, EXTRACTION_HELP, EXTRACTIONS
 from . import generator as genlib
 
 logger = logging.getLogger(__name__)
@@ -1083,10 +1083,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weight dtype")
     parser.add_argument("--answer-extraction", "--answer_extraction", dest="answer_extraction", default=BOXED,
-                        choices=EXTRACTIONS,
-                        help="how the final answer is read from a solution: boxed (\\boxed{}, '#### n', 'the "
-                        "answer is') or lenient, for a model trained on prose answers (also the last '= N', else "
-                        "the last number; docs/grading.md)")
+                        choices=EXTRACTIONS, help=EXTRACTION_HELP)
     parser.add_argument("--tensor-parallel-size", type=_positive, default=1,
                         help="vllm: GPUs one model is split over")
     parser.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9,

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from ..core.config import nullable
 from ..core.errors import UserError
+from ..core.grading import EXTRACTION_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,7 @@ class ProfileConfig:
     )
     answer_extraction: Literal["boxed", "lenient"] = field(
         default="boxed",
-        metadata={"help": "how the final answer is read: boxed (strict \\boxed{}, the paper's) or lenient (opt-in "
-                  "for models that answer in prose: the last '= N', else the last number; docs/grading.md)"},
+        metadata={"help": EXTRACTION_HELP},
     )
     out: str = field(default="runs/profile", metadata={"help": "output folder"})
     backend: Literal["transformers", "vllm"] = field(default="transformers", metadata={"help": "generation backend"})
