@@ -140,6 +140,9 @@ def test_table_says_no_budget_for_the_base_model(tmp_path, monkeypatch, capsys):
         ({"base": {"accuracy": 0.9}, "selfbudgeter": {"accuracy": 0.85, "compression": 0.6}},
          ["kept 94%", "at 40% of the base model's length"], ["None", "±20%"]),
         ({"selfbudgeter": {"within_20": 0.5}}, ["50% of its answers landed within ±20%"], ["None"]),
+        # an accuracy above the base's is said as a gain, not as "kept 300%"
+        ({"base": {"accuracy": 0.057, "mean_tokens": 117.0}, "selfbudgeter": {"accuracy": 0.17, "mean_tokens": 49.0}},
+         ["raised accuracy from the base model's 5.7% to 17.0% (+11.3 points) at 42% of its length"], ["kept"]),
     ],
 )
 def test_summary_says_what_was_shown(tmp_path, metrics, expected, absent):

@@ -271,7 +271,10 @@ def _describe(name: str, entry: dict, base: dict | None) -> str | None:
     base_accuracy = _number(base, "accuracy") if base else None
     base_tokens = _number(base, "mean_tokens") if base else None
     parts = []
-    if accuracy is not None and base_accuracy:
+    if accuracy is not None and base_accuracy and accuracy > base_accuracy:
+        parts.append(f"raised accuracy from the base model's {100 * base_accuracy:.1f}% to {100 * accuracy:.1f}% "
+                     f"({100 * (accuracy - base_accuracy):+.1f} points)")
+    elif accuracy is not None and base_accuracy:
         parts.append(f"kept {100 * accuracy / base_accuracy:.0f}% of the base model's accuracy ({100 * accuracy:.1f}% "
                      f"against {100 * base_accuracy:.1f}%, {100 * (accuracy - base_accuracy):+.1f} points)")
     elif accuracy is not None:
