@@ -23,9 +23,9 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
 
 from ..core.errors import UserError
 
@@ -146,7 +146,8 @@ def plan(args: argparse.Namespace) -> list[Step]:
         steps += [grpo(f"{LONG}_300", "grpo_long"), grpo(LONG, "grpo_polish", start=models / f"{LONG}_300")]
     if args.baselines:
         steps += [grpo(name, name) for name in BASELINES]
-    steps += [evaluate("base", base, budgeted=False), evaluate("sft", sft, True, spec.cold_start_eval), evaluate("selfbudgeter", sb, True)]
+    steps += [evaluate("base", base, budgeted=False), evaluate("sft", sft, True, spec.cold_start_eval),
+              evaluate("selfbudgeter", sb, True)]
     if args.long:
         steps.append(evaluate(LONG, models / LONG, True))
     if args.baselines:
