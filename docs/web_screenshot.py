@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from selfbudgeter.core.grading import BOXED, EXTRACTION_HELP, EXTRACTIONS
+
 OUT = Path(__file__).resolve().parent / "web.png"
 # The fourth question of the embedded task's test split (answer 2).
 QUESTION = "Sam has 8 tiles. 1) gains 1 2) eats 4 3) gains 3 4) loses 6. What is the number of tiles now?"
@@ -34,16 +36,17 @@ def main() -> int:
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/demo/models/selfbudgeter")
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--answer-extraction", default="boxed", choices=["boxed", "lenient"],
-                        help="passed to serve: lenient for a model that answers in prose")
+    parser.add_argument("--answer-extraction", default=BOXED, choices=EXTRACTIONS,
+                        help=f"passed to serve: {EXTRACTION_HELP}")
     args = parser.parse_args()
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         sys.exit("chromium is not installed (apt-get install chromium)")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "selfbudgeter.cli", "serve", "--model", args.model,
-                               "--port", str(port), "--answer-extraction", args.answer_extraction], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "selfbudgeter.cli", "serve", "--model", args.model, "--port", str(port),
+               "--answer-extraction", args.answer_extraction]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(120):
             try:
