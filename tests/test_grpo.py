@@ -110,6 +110,46 @@ def test_sample_prefills_respects_the_budget_cap():
     assert all(500 <= b <= 600 for b in budgets)
 
 
+def test_spread_budgets_take_one_budget_from_each_slice_of_the_log_range():
+    import random
+
+    b_max, low, high, n = 200.0, 0.25, 1.0, 8
+    budgets = grpo.spread_budgets(b_max, n, low, high, random.Random(0))
+    assert len(budgets) == n and budgets == sorted(budgets)
+    edges = [low * b_max * (high / low) ** (k / n) for k in range(n + 1)]
+    for k, budget in enumerate(budgets):
+        assert edges[k] - 0.5 <= budget <= edges[k + 1] + 0.5  # rounded to an integer
+    assert grpo.spread_budgets(b_max, n, low, high, random.Random(0)) == budgets
+    assert grpo.spread_budgets(b_max, n, low, high, random.Random(1)) != budgets
+    assert all(b == 3 for b in grpo.spread_budgets(3.0, 4, 1.0, 1.0, random.Random(0)))
+
+
+def test_spread_prefills_give_each_copy_of_a_prefilled_prompt_its_own_budget(embedded_tokenizer):
+    import random
+
+    questions = _questions(2)
+    b_max = {"q0": 120.0, "q1": 120.0}
+    rows = grpo.build_rows(questions, embedded_tokenizer, _stage(prefill_fraction=0.5), b_max, seed=0)
+    assert sorted(r["prefill_budget"] is None for r in rows) == [False, True]
+    batch = [dict(r) for r in rows for _ in range(4)]  # TRL's order: a prompt's copies one after another
+    spread = grpo.spread_prefills(batch, 4, 0.25, 1.0, random.Random(0))
+    for start in (0, 4):
+        group, original = spread[start:start + 4], batch[start]
+        if original["prefill_budget"] is None:
+            assert group == batch[start:start + 4]
+            continue
+        budgets = [r["prefill_budget"] for r in group]
+        assert len(set(budgets)) == 4 and all(30 <= b <= 120 for b in budgets)
+        plain = prompt_text(embedded_tokenizer, next(q.question for q in questions if q.id == original["id"]),
+                            system_prompt=None)
+        assert [r["prompt"] for r in group] == [plain + render_prefill(b) for b in budgets]
+        assert all(r["answer"] == original["answer"] and r["b_max"] == 120.0 for r in group)
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo.spread_prefills(batch, 3, 0.25, 1.0, random.Random(0))
+    with pytest.raises(ValueError, match="not one prompt's group"):
+        grpo.spread_prefills(batch[2:6], 4, 0.25, 1.0, random.Random(0))
+
+
 def test_profile_only_and_limit(embedded_tokenizer):
     questions = _questions(10)
     b_max = {"q2": 50.0, "q5": None, "q7": 30.0}
@@ -260,6 +300,26 @@ def test_grpo_two_steps_complete_and_save(tmp_path, tiny_model_dir, profile_dir)
     for name in ("format_reward", "budget_penalty_reward", "precise_budget_reward"):
         assert f"rewards/{name}/mean" in logged
     assert logged["selfbudgeter/alpha"] == pytest.approx(6.0)  # step 0 of 2
+
+
+def test_grpo_with_spread_prefills_samples_a_group_under_several_budgets(tmp_path, tiny_model_dir, profile_dir,
+                                                                       monkeypatch):
+    seen = []
+    spread = grpo.spread_prefills
+
+    def recording(inputs, group, *args, **kwargs):
+        out = spread(inputs, group, *args, **kwargs)
+        seen.extend(out[i:i + group] for i in range(0, len(out), group))
+        return out
+
+    monkeypatch.setattr(grpo, "spread_prefills", recording)
+    out = tmp_path / "grpo"
+    grpo.run_grpo(*_train_args(tiny_model_dir, profile_dir, out, "--max_steps", "2", "--prefill_fraction", "1.0",
+                               "--prefill_spread", "true", "--num_generations", "4"))
+    prefilled = [group for group in seen if group[0]["prefill_budget"] is not None]
+    assert len(seen) == 4 and prefilled  # a prompt of 4 copies per batch, 2 accumulated batches per step
+    for group in prefilled:
+        assert len({row["prefill_budget"] for row in group}) > 1
 
 
 def test_freeze_stops_exactly_the_matching_parameters(tiny_model_dir):

@@ -16,6 +16,8 @@ Choices the paper leaves open (METHOD.md marks them SPEC or is silent):
    log-uniformly in [prefill_min, prefill_max] x b_max (so a budget is as likely to be halved as doubled),
    rounded to an integer inside that range. Prompts without b_max never get one: there is no length to
    draw around. The draw is fixed for the run (seeded by `seed`), so a resumed run sees the same prompts.
+   With `prefill_spread` (beyond the paper, off by default) each completion of a prefilled prompt's group gets
+   its own budget instead, drawn at every step (`GroupBudgetSpread`).
 2. Prompts are plain strings (`data.prompt_text`), so a prefilled budget is simply the end of the prompt
    and the completion continues the solution; the reward re-attaches it before parsing.
 3. Without CUDA the run is forced onto the CPU in float32, as in `sft`; vLLM then is an error.
@@ -82,6 +84,12 @@ class GRPOStageArgs:
     )
     prefill_min: float = field(default=0.5, metadata={"help": "user budgets are at least this x b_max"})
     prefill_max: float = field(default=2.0, metadata={"help": "user budgets are at most this x b_max"})
+    prefill_spread: bool = field(
+        default=False,
+        metadata={"help": "give each completion of a prefilled prompt's group its own user budget, stratified "
+                  "log-uniformly over [prefill_min, prefill_max] x b_max, so that a group compares answers to "
+                  "one question under different budgets (GroupBudgetSpread)"},
+    )
     # Beyond the paper (relabel.py): 0 trains with the SPEC reward alone.
     budget_relabel_weight: float = field(
         default=0.0,
@@ -221,6 +229,66 @@ def sample_prefills(
     return budgets
 
 
+def spread_budgets(b_max: float, n: int, low: float, high: float, rng: random.Random,
+                   max_budget: int = DEFAULT_MAX_BUDGET) -> list[int]:
+    """n user budgets for one question, one in each of n equal slices of [log(low b_max), log(high b_max)] (at
+    a random offset shared by the slices), as integers inside [ceil(low b_max), floor(high b_max)]."""
+    lowest = max(1, math.ceil(low * b_max))
+    highest = max(lowest, min(max_budget, math.floor(high * b_max)))
+    offset, span = rng.random(), math.log(high / low)
+    return [min(max(round(low * b_max * math.exp(span * (k + offset) / n)), lowest), highest) for k in range(n)]
+
+
+def spread_prefills(inputs: Sequence[dict[str, Any]], group: int, low: float, high: float, rng: random.Random,
+                    max_budget: int = DEFAULT_MAX_BUDGET) -> list[dict[str, Any]]:
+    """The rows of a generation batch (groups of `group` copies of one prompt, one after another) with each
+    prefilled group's budgets spread by `spread_budgets`: every copy gets its own budget, in its prompt (whose
+    end is the user's budget tag) and its `prefill_budget` column. Other rows are returned as they are."""
+    from ..core.format import render_prefill
+
+    if len(inputs) % group:
+        raise ValueError(f"a generation batch of {len(inputs)} rows is not made of groups of {group}")
+    out = []
+    for start in range(0, len(inputs), group):
+        rows = inputs[start:start + group]
+        if len({row["id"] for row in rows}) != 1:
+            raise ValueError(f"rows {start}-{start + group - 1} of a generation batch are not one prompt's group")
+        prefill = rows[0].get("prefill_budget")
+        if prefill is None or prefill != prefill or rows[0].get("b_max") is None:
+            out.extend(rows)
+            continue
+        tag = render_prefill(int(prefill))
+        if not rows[0]["prompt"].endswith(tag):
+            raise ValueError(f"prompt of {rows[0]['id']!r} does not end with its user budget {tag!r}")
+        stem = rows[0]["prompt"][: -len(tag)]
+        budgets = spread_budgets(float(rows[0]["b_max"]), group, low, high, rng, max_budget)
+        out.extend({**row, "prompt": stem + render_prefill(b), "prefill_budget": b} for row, b in zip(rows, budgets))
+    return out
+
+
+class GroupBudgetSpread:
+    """A `GRPOTrainer` mixin (beyond the paper): a prefilled prompt's completions are sampled under different
+    user budgets for one question. GRPO's advantages compare the completions of a group; when they share one
+    budget, a policy that writes one answer per question gets nothing from the follow reward to read the
+    budget by. With the budgets spread, the same answer is paid more under the budgets it meets than under
+    those it misses: a contrast that the budget digits alone explain."""
+
+    def __init__(self, *args: Any, spread_range: tuple[float, float], spread_seed: int = 0,
+                 max_budget: int = DEFAULT_MAX_BUDGET, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.spread_range = spread_range
+        self.spread_seed = spread_seed
+        self.spread_max_budget = max_budget
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        # Seeded by the step, so that a resumed run draws the same budgets.
+        rng = random.Random(f"{self.spread_seed}:{self.state.global_step}:{self.model.training}")
+        low, high = self.spread_range
+        inputs = spread_prefills(inputs, self.num_generations if self.model.training else self.num_generations_eval,
+                                 low, high, rng, self.spread_max_budget)
+        return super()._generate_and_score_completions(inputs)
+
+
 def build_rows(
     questions: Iterable[Any],
     tokenizer: Any,
@@ -355,6 +423,10 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
             "scope": stage.budget_relabel_scope, "prefilled": stage.budget_relabel_prefilled,
             "wrong": stage.budget_relabel_wrong,
         }
+    if stage.prefill_spread:
+        trainer_class = type(f"GroupBudgetSpread{trainer_class.__name__}", (GroupBudgetSpread, trainer_class), {})
+        extra.update(spread_range=(stage.prefill_min, stage.prefill_max), spread_seed=config.seed,
+                     max_budget=reward_cfg.max_budget)
     trainer = trainer_class(
         model=source,
         reward_funcs=reward_funcs,
