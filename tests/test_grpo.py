@@ -322,6 +322,13 @@ def test_grpo_with_spread_prefills_samples_a_group_under_several_budgets(tmp_pat
         assert len({row["prefill_budget"] for row in group}) > 1
 
 
+def test_spread_prefills_refuse_vllm_server_mode(tmp_path, tiny_model_dir, profile_dir):
+    args = _train_args(tiny_model_dir, profile_dir, tmp_path / "grpo", "--prefill_spread", "true", "--use_vllm", "true",
+                       "--vllm_mode", "server")
+    with pytest.raises(UserError, match="one prompt per group"):
+        grpo.run_grpo(*args)
+
+
 def test_freeze_stops_exactly_the_matching_parameters(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 

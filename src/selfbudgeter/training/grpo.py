@@ -389,6 +389,9 @@ def run_grpo(stage: GRPOStageArgs, reward_cfg: RewardConfig, config: Any, callba
 
     if stage.model is None:
         raise UserError("no --model: give the cold-start model folder (the output_dir of `selfbudgeter sft`)")
+    if stage.prefill_spread and config.use_vllm and config.vllm_mode == "server":
+        raise UserError("prefill_spread gives the completions of a group different prompts, but TRL's vLLM server "
+                        "mode samples one prompt per group: use vllm_mode colocate, or prefill_spread false")
     if config.use_vllm and cpu_only():
         raise UserError("use_vllm needs a CUDA GPU; set use_vllm false to generate with transformers on the CPU")
     source = resolve(stage.model)
