@@ -271,7 +271,9 @@ class GroupBudgetSpread:
     user budgets for one question. GRPO's advantages compare the completions of a group; when they share one
     budget, a policy that writes one answer per question gets nothing from the follow reward to read the
     budget by. With the budgets spread, the same answer is paid more under the budgets it meets than under
-    those it misses: a contrast that the budget digits alone explain."""
+    those it misses: a contrast that the budget digits alone explain. Measured on the embedded task
+    (docs/experiments.md), it did not teach following to a model whose cold start ignores budgets, nor add
+    to one whose cold start follows them: off by default."""
 
     def __init__(self, *args: Any, spread_range: tuple[float, float], spread_seed: int = 0,
                  max_budget: int = DEFAULT_MAX_BUDGET, **kwargs: Any):
