@@ -36,9 +36,9 @@ from typing import Any, Iterable, Sequence
 
 from ..core.config import nullable
 from ..core.errors import UserError
-from ..core.format import DEFAULT_MAX_BUDGET
+from ..core.format import DEFAULT_MAX_BUDGET, render_prefill
 from ..data import SYSTEM_PROMPT
-from .rewards import RewardConfig
+from .rewards import RewardConfig, _missing, _prefill_budget
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +244,6 @@ def spread_prefills(inputs: Sequence[dict[str, Any]], group: int, low: float, hi
     """The rows of a generation batch (groups of `group` copies of one prompt, one after another) with each
     prefilled group's budgets spread by `spread_budgets`: every copy gets its own budget, in its prompt (whose
     end is the user's budget tag) and its `prefill_budget` column. Other rows are returned as they are."""
-    from ..core.format import render_prefill
-
     if len(inputs) % group:
         raise ValueError(f"a generation batch of {len(inputs)} rows is not made of groups of {group}")
     out = []
@@ -253,11 +251,11 @@ def spread_prefills(inputs: Sequence[dict[str, Any]], group: int, low: float, hi
         rows = inputs[start:start + group]
         if len({row["id"] for row in rows}) != 1:
             raise ValueError(f"rows {start}-{start + group - 1} of a generation batch are not one prompt's group")
-        prefill = rows[0].get("prefill_budget")
-        if prefill is None or prefill != prefill or rows[0].get("b_max") is None:
+        prefill = _prefill_budget(rows[0].get("prefill_budget"))
+        if prefill is None or _missing(rows[0].get("b_max")):
             out.extend(rows)
             continue
-        tag = render_prefill(int(prefill))
+        tag = render_prefill(prefill)
         if not rows[0]["prompt"].endswith(tag):
             raise ValueError(f"prompt of {rows[0]['id']!r} does not end with its user budget {tag!r}")
         stem = rows[0]["prompt"][: -len(tag)]
