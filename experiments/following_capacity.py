@@ -1,7 +1,7 @@
 """Can the embedded model learn to follow a budget at all, given enough cold-start data?
 
-Builds SFT rows from rendered base-style traces (correct by construction) labelled with their token length,
-`--rows` of them, fine-tunes a base model on them with the embedded SFT recipe, then measures the control
+Builds SFT rows from rendered base-style traces (correct by construction), or from a profile of the base
+model's own answers (`--from_profile`), labelled with their token length, `--rows` of them, fine-tunes a base model on them with the embedded SFT recipe, then measures the control
 slope (median over questions of the slope of log length on log user budget) on validation questions with
 budgets of 0.5x..2x of the stepwise solution's length, greedy.
 
@@ -22,6 +22,25 @@ from selfbudgeter.data import prompt_text, write_jsonl
 from selfbudgeter.core.format import render_response, token_length, try_parse
 
 
+def own_spread_rows(tok, profile: Path) -> list[dict]:
+    """Of each profiled question's distinct correct samples, the shortest, the median and the longest."""
+    by_id: dict[str, list[str]] = {}
+    for line in (profile / "samples.jsonl").read_text().splitlines():
+        sample = json.loads(line)
+        if sample["correct"]:
+            by_id.setdefault(sample["id"], []).append(sample["response"])
+    questions = {json.loads(line)["id"]: json.loads(line) for line in (profile / "questions.jsonl").read_text().splitlines()}
+    rows = []
+    for qid, texts in by_id.items():
+        texts = sorted(set(texts), key=lambda t: token_length(tok, t))
+        picks = {0, len(texts) // 2, len(texts) - 1}
+        for i in sorted(picks):
+            n = token_length(tok, texts[i])
+            rows.append({"prompt": prompt_text(tok, questions[qid]["question"], system_prompt=None),
+                         "completion": render_response(n, texts[i]), "id": qid, "budget": n})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True)
@@ -32,6 +51,9 @@ def main() -> int:
     parser.add_argument("--pairs", action="store_true",
                         help="each question three times: the direct solution, one step per line, and a sampled "
                         "base trace, each labelled with its own length (rows / 3 questions)")
+    parser.add_argument("--from_profile", type=Path,
+                        help="rows from a profile of the base model instead of rendered traces: of each question's "
+                        "correct samples the shortest, the median and the longest, each labelled with its own length")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -42,7 +64,9 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.base)
     rng = random.Random(0)
     rows = []
-    questions = task.load_split("train")[: args.rows // 3 if args.pairs else args.rows]
+    questions = [] if args.from_profile else task.load_split("train")[: args.rows // 3 if args.pairs else args.rows]
+    if args.from_profile:
+        rows = own_spread_rows(tok, args.from_profile)[: args.rows]
     for row in questions:
         problem = task.parse_question(row.question)
         texts = [task.render_trace(problem, rng)]

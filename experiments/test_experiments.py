@@ -74,3 +74,24 @@ def test_targets_check_each_bound_in_its_direction():
     assert [met for _, met in targets.check(base, worse).values()] == [False, False, False, False]
     lines = targets.table({"pooled": (base, worse)}).splitlines()
     assert lines[2].startswith("| pooled | 1600 | 96.00% | 94.90% |") and lines[2].count("NOT met") == 4
+
+
+def test_own_spread_rows_keep_the_shortest_median_and_longest_correct_answer(tmp_path):
+    import json
+
+    from selfbudgeter.embedded.model import BASE_MODEL_DIR
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
+    steps = task.render(_PROBLEM, task.stepwise_plan(_PROBLEM))
+    texts = [task.minimal_solution(_PROBLEM), steps, steps + "\nThat seems right.",
+             steps + "\nThat seems right.\nHmm, is that correct?"]
+    samples = [{"id": "q", "response": t, "correct": True} for t in texts]
+    samples += [{"id": "q", "response": "1-3) 3+4-5+6=9\nSo the answer is \\boxed{9}.", "correct": False},
+                {"id": "q", "response": steps, "correct": True}]  # a duplicate counts once
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"id": "q", "question": _PROBLEM.question()}) + "\n")
+    rows = script("following_capacity").own_spread_rows(tok, tmp_path)
+    kept = [row["completion"] for row in rows]
+    assert [render_response(row["budget"], t) for row, t in zip(rows, (texts[0], texts[2], texts[3]))] == kept
+    assert rows[0]["budget"] < rows[1]["budget"] < rows[2]["budget"]
