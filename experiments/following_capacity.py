@@ -1,9 +1,10 @@
 """Can the embedded model learn to follow a budget at all, given enough cold-start data?
 
 Builds SFT rows from rendered base-style traces (correct by construction), or from a profile of the base
-model's own answers (`--from_profile`), labelled with their token length, `--rows` of them, fine-tunes a base model on them with the embedded SFT recipe, then measures the control
-slope (median over questions of the slope of log length on log user budget) on validation questions with
-budgets of 0.5x..2x of the stepwise solution's length, greedy.
+model's own answers (`--from_profile`), labelled with their token length, `--rows` of them, fine-tunes a
+base model on them with the embedded SFT recipe, then measures the control slope (median over questions of
+the slope of log length on log user budget) on validation questions with budgets of 0.5x..2x of the
+stepwise solution's length, greedy.
 
     .venv/bin/python experiments/following_capacity.py --base runs/base-v2 --rows 8000 --out runs/capacity
 """
