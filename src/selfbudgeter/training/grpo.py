@@ -38,7 +38,7 @@ from ..core.config import nullable
 from ..core.errors import UserError
 from ..core.format import DEFAULT_MAX_BUDGET, render_prefill
 from ..data import SYSTEM_PROMPT
-from .rewards import RewardConfig, _missing, _prefill_budget
+from .rewards import RewardConfig, is_missing, read_prefill
 
 logger = logging.getLogger(__name__)
 
@@ -251,8 +251,8 @@ def spread_prefills(inputs: Sequence[dict[str, Any]], group: int, low: float, hi
         rows = inputs[start:start + group]
         if len({row["id"] for row in rows}) != 1:
             raise ValueError(f"rows {start}-{start + group - 1} of a generation batch are not one prompt's group")
-        prefill = _prefill_budget(rows[0].get("prefill_budget"))
-        if prefill is None or _missing(rows[0].get("b_max")):
+        prefill = read_prefill(rows[0].get("prefill_budget"))
+        if prefill is None or is_missing(rows[0].get("b_max")):
             out.extend(rows)
             continue
         tag = render_prefill(prefill)

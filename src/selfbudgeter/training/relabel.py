@@ -53,7 +53,7 @@ import torch
 from trl import GRPOTrainer
 
 from ..core.format import SOLUTION_CLOSE, parse_response, render_prefill, render_response
-from .rewards import SelfBudgeterScorer
+from .rewards import SelfBudgeterScorer, read_prefill
 
 TARGETS = ("own", "group_median", "peak")
 SCOPES = ("tag", "response")
@@ -89,7 +89,7 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
     user: list[int | None] = []  # lengths of the correct user-budget rollouts that `prefilled` relabels
     right: list[bool] = []
     for item, prefill in zip(scored, prefills):
-        own = not _has_prefill(prefill)
+        own = read_prefill(prefill) is None
         formed = item.format_ok and 1 <= item.length <= scorer.cfg.max_budget
         lengths.append(item.length if formed and own and (item.correct or wrong) else None)
         user.append(item.length if formed and item.correct and prefilled and not own else None)
@@ -118,23 +118,19 @@ def relabel_targets(scorer: SelfBudgeterScorer, completions: Sequence[str], rows
     return out
 
 
-def _has_prefill(value: Any) -> bool:
-    return value is not None and value == value  # a NaN from a pandas column is "no prefill"
-
-
 def strip_prefills(tokenizer: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    prefills: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts without the user budget tag that ends some of them (`render_prefill(b)`'s tokens),
     shifted right so that every prompt still ends at the last column."""
     ids, mask = prompt_ids.clone(), prompt_mask.clone()
     pad = tokenizer.pad_token_id
-    for i, prefill in enumerate(prefills):
-        if not _has_prefill(prefill):
+    for i, prefill in enumerate(map(read_prefill, prefills)):
+        if prefill is None:
             continue
-        tag = tokenizer.encode(render_prefill(int(prefill)), add_special_tokens=False)
+        tag = tokenizer.encode(render_prefill(prefill), add_special_tokens=False)
         k = len(tag)
         if ids[i, -k:].tolist() != tag:
-            raise ValueError(f"prompt {i} does not end with the tokens of its prefill {render_prefill(int(prefill))!r}")
+            raise ValueError(f"prompt {i} does not end with the tokens of its prefill {render_prefill(prefill)!r}")
         ids[i] = torch.cat([torch.full((k,), pad, dtype=ids.dtype, device=ids.device), prompt_ids[i, :-k]])
         mask[i] = torch.cat([torch.zeros(k, dtype=mask.dtype, device=mask.device), prompt_mask[i, :-k]])
     return ids, mask

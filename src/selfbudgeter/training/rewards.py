@@ -150,14 +150,15 @@ def follow_score(correct: bool, length: float, user_budget: float | None, cfg: R
     return cfg.follow_penalty * min(1.0, abs(length - user_budget) / user_budget)
 
 
-def _missing(value: Any) -> bool:
+def is_missing(value: Any) -> bool:
+    """Whether a dataset cell is empty: None, or the NaN a pandas column puts in place of a null."""
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def budget_penalty(budget: float, b_max: float | None, cfg: RewardConfig | None = None) -> float:
     """PB: r_b when the budget exceeds what the base model needed (b_max); None or NaN b_max is infinity."""
     cfg = cfg or RewardConfig()
-    if _missing(b_max) or budget <= b_max:
+    if is_missing(b_max) or budget <= b_max:
         return 0.0
     return cfg.budget_penalty
 
@@ -220,7 +221,7 @@ def score_response(tokenizer: Any, response: str, gold: Any, max_budget: int | N
 
 def _gold_text(gold: Any) -> str:
     # Integer golds come from numeric dataset columns; a missing gold becomes "", which grades as an error.
-    return "" if _missing(gold) else str(gold)
+    return "" if is_missing(gold) else str(gold)
 
 
 def completion_text(completion: Any) -> str:
@@ -237,8 +238,10 @@ def completion_text(completion: Any) -> str:
     return "".join(parts)
 
 
-def _prefill_budget(value: Any) -> int | None:
-    if _missing(value):
+def read_prefill(value: Any) -> int | None:
+    """A row's `prefill_budget` cell as the user budget it carries, or None; anything but a positive integer is
+    a UserError. The one reader of the column for the reward, relabelling and GRPO."""
+    if is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():  # an int column with nulls read through pandas
         value = int(value)
@@ -334,7 +337,7 @@ class SelfBudgeterScorer:
     def batch(self, completions: Sequence[Any], trainer_state: Any = None, **kwargs: Any) -> list[ScoredResponse]:
         n = len(completions)
         golds = _gold_column(kwargs, n)
-        prefills = [_prefill_budget(v) for v in _column(kwargs, "prefill_budget", n)]
+        prefills = [read_prefill(v) for v in _column(kwargs, "prefill_budget", n)]
         responses = [
             completion_text(c) if b is None else _prefill(b) + completion_text(c) for c, b in zip(completions, prefills)
         ]
@@ -343,7 +346,7 @@ class SelfBudgeterScorer:
     def parts(self, completions: Sequence[Any], trainer_state: Any = None, **kwargs: Any) -> _Parts:
         scored = self.batch(completions, **kwargs)
         b_maxes = _column(kwargs, "b_max", len(completions))
-        prefills = [_prefill_budget(v) for v in _column(kwargs, "prefill_budget", len(completions))]
+        prefills = [read_prefill(v) for v in _column(kwargs, "prefill_budget", len(completions))]
         alpha = self.alpha(trainer_state)
         fmt, pb, s, follow = [], [], [], []
         for item, b_max, user_budget in zip(scored, b_maxes, prefills):
