@@ -23,13 +23,22 @@ from selfbudgeter.data import prompt_text, write_jsonl
 from selfbudgeter.core.format import render_response, token_length, try_parse
 
 
-def own_spread_rows(tok, profile: Path) -> list[dict]:
+def without_filler(response: str) -> str:
+    """A base answer without its filler lines and preamble: first-pass, check, repair and answer lines stay."""
+    keep = ("Check ", "Wait, the check gives", "So the answer is ")
+    lines = [line for line in response.splitlines()
+             if task._STEP_LINE.match(line.strip()) or line.strip().startswith(keep)]
+    return "\n".join(lines)
+
+
+def own_spread_rows(tok, profile: Path, strip_filler: bool = False) -> list[dict]:
     """Of each profiled question's distinct correct samples, the shortest, the median and the longest."""
     by_id: dict[str, list[str]] = {}
     for line in (profile / "samples.jsonl").read_text().splitlines():
         sample = json.loads(line)
         if sample["correct"]:
-            by_id.setdefault(sample["id"], []).append(sample["response"])
+            text = without_filler(sample["response"]) if strip_filler else sample["response"]
+            by_id.setdefault(sample["id"], []).append(text)
     questions = {json.loads(line)["id"]: json.loads(line) for line in (profile / "questions.jsonl").read_text().splitlines()}
     rows = []
     for qid, texts in by_id.items():
@@ -55,6 +64,9 @@ def main() -> int:
     parser.add_argument("--from_profile", type=Path,
                         help="rows from a profile of the base model instead of rendered traces: of each question's "
                         "correct samples the shortest, the median and the longest, each labelled with its own length")
+    parser.add_argument("--strip_filler", action="store_true",
+                        help="with --from_profile: drop the filler lines and preambles of the base's answers first "
+                        "(first pass, verification and answer lines stay), so that a length is a way of solving")
     args = parser.parse_args()
     from transformers import AutoTokenizer
 
@@ -67,7 +79,7 @@ def main() -> int:
     rows = []
     questions = [] if args.from_profile else task.load_split("train")[: args.rows // 3 if args.pairs else args.rows]
     if args.from_profile:
-        rows = own_spread_rows(tok, args.from_profile)[: args.rows]
+        rows = own_spread_rows(tok, args.from_profile, args.strip_filler)[: args.rows]
     for row in questions:
         problem = task.parse_question(row.question)
         texts = [task.render_trace(problem, rng)]
