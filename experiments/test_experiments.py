@@ -95,3 +95,11 @@ def test_own_spread_rows_keep_the_shortest_median_and_longest_correct_answer(tmp
     kept = [row["completion"] for row in rows]
     assert [render_response(row["budget"], t) for row, t in zip(rows, (texts[0], texts[2], texts[3]))] == kept
     assert rows[0]["budget"] < rows[1]["budget"] < rows[2]["budget"]
+
+
+def test_without_filler_keeps_the_first_pass_checks_repair_and_answer():
+    steps = task.render(_PROBLEM, task.Plan(chunks=(2, 1), checks=1, preamble="Okay, let me work slowly."))
+    noisy = steps.replace("Check 1)", "Hmm, is that correct?\nCheck 1)").replace("So the", "That seems right.\nSo the")
+    clean = script("following_capacity").without_filler(noisy)
+    assert clean == task.render(_PROBLEM, task.Plan(chunks=(2, 1), checks=1))
+    assert "Hmm" not in clean and "Okay" not in clean and clean.endswith("\\boxed{8}.")
