@@ -132,6 +132,12 @@ def test_table_says_no_budget_for_the_base_model(tmp_path, monkeypatch, capsys):
         ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": 0.0}},
          ["user budgets from 0.5x to 2x its own estimate were not followed: length moved with slope 0.00"],
          ["were followed"]),
+        # half following is said as such, neither followed nor ignored
+        ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": 0.51}},
+         ["user budgets from 0.5x to 2x its own estimate were partly followed: length moved with slope 0.51"],
+         ["were followed", "not followed"]),
+        ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": 1.6}},
+         ["were overshot: length moved with slope 1.60"], ["were followed"]),
         # no control runs, no Spearman: those clauses are left out, not printed as None
         ({"base": BASE, "selfbudgeter": {**SELFBUDGETER, "control_slope": None, "control": [],
                                          "spearman_budget_difficulty": None}},
