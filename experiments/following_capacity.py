@@ -19,7 +19,8 @@ import statistics
 from pathlib import Path
 
 from selfbudgeter.embedded import task
-from selfbudgeter.data import prompt_text, write_jsonl
+from selfbudgeter.core.metrics import linear_fit
+from selfbudgeter.data import prompt_text, read_jsonl, write_jsonl
 from selfbudgeter.core.format import render_response, token_length, try_parse
 
 
@@ -33,22 +34,36 @@ def without_filler(response: str) -> str:
 
 def own_spread_rows(tok, profile: Path, strip_filler: bool = False) -> list[dict]:
     """Of each profiled question's distinct correct samples, the shortest, the median and the longest."""
-    by_id: dict[str, list[str]] = {}
-    for line in (profile / "samples.jsonl").read_text().splitlines():
-        sample = json.loads(line)
+    by_id: dict[str, set[str]] = {}
+    for sample in read_jsonl(profile / "samples.jsonl"):
         if sample["correct"]:
             text = without_filler(sample["response"]) if strip_filler else sample["response"]
-            by_id.setdefault(sample["id"], []).append(text)
-    questions = {json.loads(line)["id"]: json.loads(line) for line in (profile / "questions.jsonl").read_text().splitlines()}
+            by_id.setdefault(sample["id"], set()).add(text)
+    questions = {q["id"]: q["question"] for q in read_jsonl(profile / "questions.jsonl")}
     rows = []
     for qid, texts in by_id.items():
-        texts = sorted(set(texts), key=lambda t: token_length(tok, t))
-        picks = {0, len(texts) // 2, len(texts) - 1}
-        for i in sorted(picks):
-            n = token_length(tok, texts[i])
-            rows.append({"prompt": prompt_text(tok, questions[qid]["question"], system_prompt=None),
-                         "completion": render_response(n, texts[i]), "id": qid, "budget": n})
+        ranked = sorted((token_length(tok, t), t) for t in texts)
+        for i in sorted({0, len(ranked) // 2, len(ranked) - 1}):
+            n, text = ranked[i]
+            rows.append(_row(tok, qid, questions[qid], text, n))
     return rows
+
+
+def rendered_rows(tok, n: int, pairs: bool, rng: random.Random) -> list[dict]:
+    """Rendered base-style traces of training questions; with `pairs`, each question three ways."""
+    rows = []
+    for row in task.load_split("train")[: n // 3 if pairs else n]:
+        problem = task.parse_question(row.question)
+        texts = [task.render_trace(problem, rng)]
+        if pairs:
+            texts += [task.minimal_solution(problem), task.render(problem, task.stepwise_plan(problem))]
+        rows += [_row(tok, row.id, row.question, text, token_length(tok, text)) for text in texts]
+    return rows
+
+
+def _row(tok, qid: str, question: str, text: str, n: int) -> dict:
+    return {"prompt": prompt_text(tok, question, system_prompt=None), "completion": render_response(n, text),
+            "id": qid, "budget": n}
 
 
 def main() -> int:
@@ -76,19 +91,10 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(args.base)
     rng = random.Random(0)
-    rows = []
-    questions = [] if args.from_profile else task.load_split("train")[: args.rows // 3 if args.pairs else args.rows]
     if args.from_profile:
         rows = own_spread_rows(tok, args.from_profile, args.strip_filler)[: args.rows]
-    for row in questions:
-        problem = task.parse_question(row.question)
-        texts = [task.render_trace(problem, rng)]
-        if args.pairs:
-            texts += [task.minimal_solution(problem), task.render(problem, task.stepwise_plan(problem))]
-        for text in texts:
-            n = token_length(tok, text)
-            rows.append({"prompt": prompt_text(tok, row.question, system_prompt=None),
-                         "completion": render_response(n, text), "id": row.id, "budget": n})
+    else:
+        rows = rendered_rows(tok, args.rows, args.pairs, rng)
     rng.shuffle(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "train.jsonl", rows)
@@ -114,13 +120,8 @@ def main() -> int:
         length = token_length(tok, parsed.solution)
         per_q.setdefault(row.id, []).append((math.log(b), math.log(max(1, length))))
         within.append(abs(length - b) <= 0.2 * b)
-    slopes = []
-    for pts in per_q.values():
-        if len(pts) >= 3:
-            mx = statistics.mean(x for x, _ in pts)
-            my = statistics.mean(y for _, y in pts)
-            den = sum((x - mx) ** 2 for x, _ in pts)
-            slopes.append(sum((x - mx) * (y - my) for x, y in pts) / den)
+    slopes = [linear_fit(*zip(*pts))[0] for pts in per_q.values() if len(pts) >= 3]
+    slopes = [s for s in slopes if s is not None]
     result = {"rows": args.rows, "median_slope": statistics.median(slopes), "within_20": sum(within) / len(within)}
     print(json.dumps(result))
     (args.out / "result.json").write_text(json.dumps(result, indent=2))
