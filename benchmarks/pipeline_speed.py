@@ -62,6 +62,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grpo-steps", type=int, default=2, help="GRPO steps timed (one more runs first, untimed)")
     parser.add_argument("--grpo-cache", default=None,
                         help="GRPOConfig cache_implementation for the rollouts (default: the recipe's)")
+    parser.add_argument("--grpo-generation", choices=("generate", "continuous"), default="generate",
+                        help="how TRL samples the rollouts: `generate` (padded batches, the recipes') or transformers' "
+                        "continuous batching (GRPOConfig use_transformers_continuous_batching)")
     parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned",
                         help="tuned: glibc thresholds as the `selfbudgeter` command sets them (runtime.tune_allocator)")
     parser.add_argument("--matmul-size", type=int, default=1024, help="side of the square fp32 matmul")
@@ -178,6 +181,22 @@ class StepClock:
             return out
 
         model.generate = generate
+        if hasattr(model, "generate_batch"):  # transformers' continuous batching: a dict of finished requests
+            original_batch = model.generate_batch
+
+            def generate_batch(*args, **kwargs):
+                self.generating = True
+                start, cpu = time.perf_counter(), time.process_time()
+                try:
+                    out = original_batch(*args, **kwargs)
+                finally:
+                    self.generating = False
+                self.counts["generate_s"] += time.perf_counter() - start
+                self.counts["generate_cpu_s"] += time.process_time() - cpu
+                self.counts["generated"] += sum(len(o.generated_tokens) for o in out.values())
+                return out
+
+            model.generate_batch = generate_batch
 
     def measured(self, skip: int) -> dict[str, float]:
         """Seconds and counts of the steps after the first `skip` (those warm the trainer up)."""
@@ -215,7 +234,8 @@ def sft_steps(samples, questions, tokenizer, steps: int, work: Path, seed: int) 
             "rows_per_step": config.per_device_train_batch_size * config.gradient_accumulation_steps}
 
 
-def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, seed: int) -> dict[str, Any]:
+def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, seed: int,
+               continuous: bool = False) -> dict[str, Any]:
     from selfbudgeter.data import write_jsonl
     from selfbudgeter.training.grpo import parse_args, run_grpo
 
@@ -227,6 +247,8 @@ def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, se
             "--disable_tqdm", "true"]
     if cache:
         argv += ["--cache_implementation", cache]
+    if continuous:
+        argv += ["--use_transformers_continuous_batching", "true"]
     stage, reward_cfg, config = parse_args(argv)
     clock = StepClock()
     with contextlib.redirect_stdout(io.StringIO()):
@@ -238,7 +260,8 @@ def grpo_steps(samples, questions, steps: int, cache: str | None, work: Path, se
             "tokens": got["generated"], "generate_seconds": got["generate_s"],
             "generate_cpu_seconds": got["generate_cpu_s"], "trained_tokens": got["trained"],
             "forward_tokens": got["generated"] + got["forward"] + reference,
-            "cache_implementation": config.cache_implementation}
+            "cache_implementation": config.cache_implementation,
+            "continuous_batching": config.use_transformers_continuous_batching}
 
 
 def demo_workload() -> dict[str, float]:
@@ -338,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         results["profile"] = timed_generation(model, tokenizer, train, recipe("profile"), args.seed, "profile")
         samples = results["profile"].pop("samples")
         results["sft"] = sft_steps(samples, train, tokenizer, args.sft_steps, work, args.seed)
-        results["grpo"] = grpo_steps(samples, train, args.grpo_steps, args.grpo_cache, work, args.seed)
+        results["grpo"] = grpo_steps(samples, train, args.grpo_steps, args.grpo_cache, work, args.seed,
+                                     continuous=args.grpo_generation == "continuous")
         results["eval"] = timed_generation(model, tokenizer, test, recipe("eval"), args.seed, "eval")
         results["eval"].pop("samples")
     lines = report(results, params, peak, demo_workload(), args.clock)

@@ -103,3 +103,24 @@ def test_without_filler_keeps_the_first_pass_checks_repair_and_answer():
     clean = script("following_capacity").without_filler(noisy)
     assert clean == task.render(_PROBLEM, task.Plan(chunks=(2, 1), checks=1))
     assert "Hmm" not in clean and "Okay" not in clean and clean.endswith("\\boxed{8}.")
+
+
+@pytest.mark.parametrize(
+    "response, want",
+    [
+        ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nCheck 1) 3+4=7\nCheck 2) 7-5=2\nCheck 3) 2+6=8", (3, 0)),
+        # a check that copies another step's operation ("Check 3) 2-5=..." is step 2's) and a step out of range
+        ("1-3) 3+4-5+6=8\nCheck 1) 3+4=7\nCheck 3) 2-5=-3\nCheck 4) 8+1=9", (3, 2)),
+        # with the question's item before the sum
+        ("1) 3+4=7\nCheck 1) add 4: 3+4=7\nCheck 2) subtract 5: 7-5=3", (2, 1)),
+        ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8", (0, 0)),
+    ],
+)
+def test_strategy_accuracy_counts_wrong_check_lines(response, want):
+    assert script("strategy_accuracy").check_lines(_PROBLEM, response) == want
+
+
+def test_strategy_accuracy_names_the_way_of_solving():
+    way = script("strategy_accuracy").way
+    assert way("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nSo the answer is \\boxed{8}.") == ("one per line", "unchecked")
+    assert way("1-2) 3+4-5=2\n3) 2+6=8\nCheck 1) 3+4=7\nSo the answer is \\boxed{8}.") == ("combined", "checked")
