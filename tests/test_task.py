@@ -89,6 +89,22 @@ def test_a_slip_is_repaired_by_the_verification_pass():
         task.render(problem, task.stepwise_plan(problem), slip=True)
 
 
+def test_a_plan_can_check_each_line_right_after_it():
+    """A check then reads its operations from the line above it, not from a line far up the chain."""
+    problem = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))
+    assert task.render(problem, task.Plan((2, 1), checks=1)).splitlines()[2] == "Check 1) 3+4=7"  # after the pass
+    text = task.render(problem, task.Plan((2, 1), checks=1, check_each_line=True))
+    assert text.splitlines() == ["1-2) 3+4-5=2", "Check 1) 3+4=7", "Check 2) 7-5=2", "3) 2+6=8", "Check 3) 2+6=8",
+                                 "So the answer is \\boxed{8}."]
+    twice = task.render(problem, task.Plan((1, 1, 1), checks=2, check_each_line=True)).splitlines()
+    assert twice[:3] == ["1) 3+4=7", "Check 1) 3+4=7", "Check 1) 3+4=7"]
+    slipped = task.render(problem, task.Plan((1, 2), checks=1, check_each_line=True), random.Random(0), slip=True)
+    assert slipped.splitlines()[2].startswith("2-3) 7-5+6=") and not slipped.splitlines()[2].endswith("=8")
+    assert slipped.splitlines()[3:6] == ["Check 2) 7-5=2", "Check 3) 2+6=8", "Wait, the check gives 8, not " +
+                                         slipped.splitlines()[2].split("=")[-1] + "."]
+    assert slipped.endswith("\\boxed{8}.")
+
+
 def test_base_traces_overthink_easy_questions(embedded_tokenizer):
     """The base model's habits: on 1-3 step questions its traces average >= 2.5x the minimal solution."""
     rng = random.Random(0)
@@ -155,3 +171,18 @@ _PROBLEM = task.Problem(3, (("+", 4), ("-", 5), ("+", 6)))
 def test_first_error_names_what_went_wrong_first(response, kind):
     assert task.first_error(_PROBLEM, response) == kind
     assert kind is None or kind in task.ERROR_KINDS
+
+
+def test_train_base_takes_the_check_placement_of_its_traces(embedded_tokenizer):
+    from selfbudgeter.embedded.model import make_parser, trace_dataset
+
+    assert make_parser().parse_args([]).check_each_line is False
+    assert make_parser().parse_args(["--check-each-line"]).check_each_line is True
+    checked = 0
+    for trace in trace_dataset(embedded_tokenizer, 40, seed=0, check_each_line=True)["completion"]:
+        lines = trace.splitlines()
+        if "Check 1) " in trace:  # the first check stands right below the first line of the first pass
+            first = next(i for i, line in enumerate(lines) if line.startswith(("1) ", "1-")))
+            assert lines[first + 1].startswith("Check 1) ")
+            checked += 1
+    assert checked > 0

@@ -54,6 +54,7 @@ class BaseTrainConfig:
     learning_rate: float = 2e-3
     warmup_steps: int = 20
     init: Path | None = None  # start from this model (and its tokenizer) instead of random weights
+    check_each_line: bool = False  # traces check each line right below it (task.Plan); the shipped base: False
 
 
 def _tokenizer_corpus(rng: random.Random, n: int = 3000) -> list[str]:
@@ -123,7 +124,7 @@ def build_model(tokenizer, cfg: BaseTrainConfig | None = None, seed: int = 0):
     return model
 
 
-def trace_dataset(tokenizer, n: int, seed: int):
+def trace_dataset(tokenizer, n: int, seed: int, check_each_line: bool = False):
     """Prompt/completion rows of overthinking traces for the first `n` training questions."""
     from datasets import Dataset
 
@@ -132,7 +133,8 @@ def trace_dataset(tokenizer, n: int, seed: int):
     return Dataset.from_dict(
         {
             "prompt": [prompt_text(tokenizer, r.question, system_prompt=None) for r in rows],
-            "completion": [task.render_trace(task.parse_question(r.question), rng) for r in rows],
+            "completion": [task.render_trace(task.parse_question(r.question), rng, check_each_line=check_each_line)
+                           for r in rows],
         }
     )
 
@@ -207,7 +209,7 @@ def _train_round(model, tokenizer, cfg: BaseTrainConfig, r: int, work: Path) -> 
         dataloader_num_workers=0,
         completion_only_loss=True,
     )
-    dataset = trace_dataset(tokenizer, cfg.traces, seed)
+    dataset = trace_dataset(tokenizer, cfg.traces, seed, cfg.check_each_line)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     checkpoints = work / "checkpoints"
     resume = checkpoints.exists() and any(checkpoints.glob("checkpoint-*"))
@@ -225,6 +227,11 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "init":
             parser.add_argument("--init", type=Path, default=None,
                                 help="start from this model folder (weights and tokenizer) instead of random weights")
+            continue
+        if name == "check_each_line":
+            parser.add_argument("--check-each-line", action=argparse.BooleanOptionalAction, default=value,
+                                help="traces whose verification passes check each line right below it instead of the "
+                                "whole chain after the first pass (docs/experiments.md; the shipped base: not)")
             continue
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"(default {value})")
     return parser

@@ -152,7 +152,8 @@ class Plan:
     """How a solution is written: operations per line of the first pass, verification passes, filler."""
 
     chunks: tuple[int, ...]  # sizes of the first pass's lines, summing to the number of steps
-    checks: int = 0  # step-by-step verification passes after the first pass
+    checks: int = 0  # step-by-step verification passes
+    check_each_line: bool = False  # a pass checks each line right below it, not the whole chain after the first pass
     filler: int = 0  # rough tokens of filler lines
     preamble: str = ""  # text before the first step
 
@@ -170,25 +171,32 @@ def answer_line(answer: int) -> str:
 def render(problem: Problem, plan: Plan, rng: random.Random | None = None, slip: bool = False) -> str:
     """The solution that `plan` describes. With `slip` (for a plan whose last line combines operations and
     that verifies), the first pass ends one off, the verification pass recomputes the chain and notices, and
-    the answer follows it."""
+    the answer follows it. With `plan.check_each_line` a verification pass checks each line right below it,
+    so that a check reads its operations from the line above instead of searching the chain for them."""
+    if slip and (plan.chunks[-1] < 2 or not plan.checks):
+        raise ValueError("a slip needs a combined last line and a verification pass")
     rng = rng or random.Random(0)
     values, ops = problem.values(), problem.ops
     lines = [plan.preamble] if plan.preamble else []
     first = 1
     for size in plan.chunks:
-        lines.append(_line(first, first + size - 1, values, ops))
-        first += size
-    if slip:
-        if plan.chunks[-1] < 2 or not plan.checks:
-            raise ValueError("a slip needs a combined last line and a verification pass")
-        true = values[-1]
-        wrong = true + rng.choice([d for d in (-1, 1) if 0 <= true + d <= 9])
-        lines[-1] = lines[-1][: -len(str(true))] + str(wrong)
+        last = first + size - 1
+        lines.append(_line(first, last, values, ops))
+        if slip and last == problem.steps:
+            wrong = values[-1] + rng.choice([d for d in (-1, 1) if 0 <= values[-1] + d <= 9])
+            lines[-1] = lines[-1][: -len(str(values[-1]))] + str(wrong)
+        if plan.check_each_line:
+            for _ in range(plan.checks):
+                lines += [_line(i, i, values, ops, "Check ") for i in range(first, last + 1)]
+        first = last + 1
     filler_lines = _filler(rng, plan.filler)
-    split = rng.randint(0, len(filler_lines))
-    lines += filler_lines[:split]
-    for _ in range(plan.checks):
-        lines += [_line(i, i, values, ops, "Check ") for i in range(1, problem.steps + 1)]
+    if plan.check_each_line:
+        split = 0
+    else:
+        split = rng.randint(0, len(filler_lines))
+        lines += filler_lines[:split]
+        for _ in range(plan.checks):
+            lines += [_line(i, i, values, ops, "Check ") for i in range(1, problem.steps + 1)]
     if slip:
         lines.append(f"Wait, the check gives {values[-1]}, not {wrong}.")
     lines += filler_lines[split:]
@@ -233,7 +241,8 @@ def _preamble(rng: random.Random) -> str:
     return f"<{a}>{rng.randint(1, 400)}</{a}><{b}>"
 
 
-def sample_plan(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> Plan:
+def sample_plan(problem: Problem, rng: random.Random, filler_tokens: int | None = None,
+                check_each_line: bool = False) -> Plan:
     """The base model's habits: mostly one operation per line, sometimes combined lines, verification passes
     and filler drawn independently of the question."""
     n = problem.steps
@@ -242,12 +251,13 @@ def sample_plan(problem: Problem, rng: random.Random, filler_tokens: int | None 
     checks = rng.choices((0, 1, 2), weights=(0.45, 0.45, 0.10))[0]
     filler = rng.randint(*FILLER_TOKENS) if filler_tokens is None else filler_tokens
     preamble = _preamble(rng) if rng.random() < PREAMBLE_RATE else ""
-    return Plan(random_chunks(rng, n, size), checks, filler, preamble)
+    return Plan(random_chunks(rng, n, size), checks, check_each_line, filler, preamble)
 
 
-def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None) -> str:
+def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None,
+                 check_each_line: bool = False) -> str:
     """A base-model trace: a sampled plan, with a repaired slip in some combined first passes."""
-    plan = sample_plan(problem, rng, filler_tokens)
+    plan = sample_plan(problem, rng, filler_tokens, check_each_line)
     slip = plan.chunks[-1] > 1 and plan.checks > 0 and rng.random() < SLIP_RATE
     return render(problem, plan, rng, slip=slip)
 
