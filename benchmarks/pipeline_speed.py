@@ -160,43 +160,38 @@ class StepClock:
                 self.counts["forward"] += real
 
         model.register_forward_pre_hook(count, with_kwargs=True)
-        original = model.generate
 
-        def generate(*args, **kwargs):
+        def padded_tokens(out, kwargs) -> int:  # `generate`: rows padded after their EOS
+            config = kwargs.get("generation_config")
+            eos = getattr(config, "eos_token_id", None)
+            eos = {eos} if isinstance(eos, int) else set(eos or [])
+            rows = out[:, kwargs["input_ids"].shape[1]:].tolist()
+            stops = [next((i for i, t in enumerate(row) if t in eos), None) for row in rows]
+            return sum(len(row) if stop is None else stop + 1 for row, stop in zip(rows, stops))
+
+        def batch_tokens(out, kwargs) -> int:  # transformers' continuous batching: a dict of finished requests
+            return sum(len(o.generated_tokens) for o in out.values())
+
+        for name, tokens in (("generate", padded_tokens), ("generate_batch", batch_tokens)):
+            if hasattr(model, name):
+                setattr(model, name, self._timed(getattr(model, name), tokens))
+
+    def _timed(self, generate, tokens):
+        """`generate` that the forward hooks ignore, with its seconds and generated tokens counted."""
+
+        def timed(*args, **kwargs):
             self.generating = True
             start, cpu = time.perf_counter(), time.process_time()
             try:
-                out = original(*args, **kwargs)
+                out = generate(*args, **kwargs)
             finally:
                 self.generating = False
             self.counts["generate_s"] += time.perf_counter() - start
             self.counts["generate_cpu_s"] += time.process_time() - cpu
-            config = kwargs.get("generation_config")
-            eos = getattr(config, "eos_token_id", None)
-            eos = {eos} if isinstance(eos, int) else set(eos or [])
-            width = kwargs["input_ids"].shape[1]
-            for row in out[:, width:].tolist():
-                stop = next((i for i, t in enumerate(row) if t in eos), None)
-                self.counts["generated"] += len(row) if stop is None else stop + 1
+            self.counts["generated"] += tokens(out, kwargs)
             return out
 
-        model.generate = generate
-        if hasattr(model, "generate_batch"):  # transformers' continuous batching: a dict of finished requests
-            original_batch = model.generate_batch
-
-            def generate_batch(*args, **kwargs):
-                self.generating = True
-                start, cpu = time.perf_counter(), time.process_time()
-                try:
-                    out = original_batch(*args, **kwargs)
-                finally:
-                    self.generating = False
-                self.counts["generate_s"] += time.perf_counter() - start
-                self.counts["generate_cpu_s"] += time.process_time() - cpu
-                self.counts["generated"] += sum(len(o.generated_tokens) for o in out.values())
-                return out
-
-            model.generate_batch = generate_batch
+        return timed
 
     def measured(self, skip: int) -> dict[str, float]:
         """Seconds and counts of the steps after the first `skip` (those warm the trainer up)."""
