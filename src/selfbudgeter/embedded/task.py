@@ -178,6 +178,10 @@ def render(problem: Problem, plan: Plan, rng: random.Random | None = None, slip:
     rng = rng or random.Random(0)
     values, ops = problem.values(), problem.ops
     lines = [plan.preamble] if plan.preamble else []
+
+    def checks(first: int, last: int) -> list[str]:
+        return [_line(i, i, values, ops, "Check ") for i in range(first, last + 1)] * plan.checks
+
     first = 1
     for size in plan.chunks:
         last = first + size - 1
@@ -186,17 +190,14 @@ def render(problem: Problem, plan: Plan, rng: random.Random | None = None, slip:
             wrong = values[-1] + rng.choice([d for d in (-1, 1) if 0 <= values[-1] + d <= 9])
             lines[-1] = lines[-1][: -len(str(values[-1]))] + str(wrong)
         if plan.check_each_line:
-            for _ in range(plan.checks):
-                lines += [_line(i, i, values, ops, "Check ") for i in range(first, last + 1)]
+            lines += checks(first, last)
         first = last + 1
     filler_lines = _filler(rng, plan.filler)
     if plan.check_each_line:
         split = 0
     else:
         split = rng.randint(0, len(filler_lines))
-        lines += filler_lines[:split]
-        for _ in range(plan.checks):
-            lines += [_line(i, i, values, ops, "Check ") for i in range(1, problem.steps + 1)]
+        lines += filler_lines[:split] + checks(1, problem.steps)
     if slip:
         lines.append(f"Wait, the check gives {values[-1]}, not {wrong}.")
     lines += filler_lines[split:]
@@ -251,7 +252,8 @@ def sample_plan(problem: Problem, rng: random.Random, filler_tokens: int | None 
     checks = rng.choices((0, 1, 2), weights=(0.45, 0.45, 0.10))[0]
     filler = rng.randint(*FILLER_TOKENS) if filler_tokens is None else filler_tokens
     preamble = _preamble(rng) if rng.random() < PREAMBLE_RATE else ""
-    return Plan(random_chunks(rng, n, size), checks, check_each_line, filler, preamble)
+    return Plan(random_chunks(rng, n, size), checks=checks, check_each_line=check_each_line, filler=filler,
+                preamble=preamble)
 
 
 def render_trace(problem: Problem, rng: random.Random, filler_tokens: int | None = None,
