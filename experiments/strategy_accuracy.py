@@ -12,17 +12,12 @@ that "repairs" what was right).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from selfbudgeter.data import read_jsonl
 from selfbudgeter.embedded.task import SPLITS, Problem, first_error, first_pass, load_split, parse_question
-
-# "Check 3) 6-1=5", or with the question's item before the sum: "Check 3) drops 1: 6-1=5".
-_CHECK = re.compile(r"Check (\d+)\)(?: [^:]*:)? (-?\d+)([+-])(\d+)=(-?\d+)$")
-
 
 def way(response: str) -> tuple[str, str]:
     """(first pass, verification) of a response: ("one per line" | "combined", "checked" | "unchecked")."""
@@ -33,16 +28,16 @@ def way(response: str) -> tuple[str, str]:
 
 
 def check_lines(problem: Problem, response: str) -> tuple[int, int]:
-    """(check lines, wrong ones): a check line is wrong when its step's values or operation are not the
-    problem's; a line naming a step the problem does not have counts as wrong."""
+    """(check lines, wrong ones): a check line ("Check 3) 6-1=5", read as a first-pass line) is wrong when its
+    step's values or operation are not the problem's; a line naming a step the problem does not have counts as
+    wrong."""
+    checks = [line.strip().removeprefix("Check ") for line in response.splitlines()
+              if line.strip().startswith("Check ")]
     values, total, wrong = problem.values(), 0, 0
-    for line in response.splitlines():
-        m = _CHECK.match(line.strip())
-        if not m:
-            continue
+    for first, last, a, terms, c in first_pass("\n".join(checks)):
         total += 1
-        step, a, op, b, c = int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))
-        ok = 1 <= step <= problem.steps and (a, (op, b), c) == (values[step - 1], problem.ops[step - 1], values[step])
+        ok = first == last and 1 <= first <= problem.steps and (a, terms, c) == (
+            values[first - 1], [problem.ops[first - 1]], values[first])
         wrong += not ok
     return total, wrong
 

@@ -111,8 +111,8 @@ def test_without_filler_keeps_the_first_pass_checks_repair_and_answer():
         ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8\nCheck 1) 3+4=7\nCheck 2) 7-5=2\nCheck 3) 2+6=8", (3, 0)),
         # a check that copies another step's operation ("Check 3) 2-5=..." is step 2's) and a step out of range
         ("1-3) 3+4-5+6=8\nCheck 1) 3+4=7\nCheck 3) 2-5=-3\nCheck 4) 8+1=9", (3, 2)),
-        # with the question's item before the sum
-        ("1) 3+4=7\nCheck 1) add 4: 3+4=7\nCheck 2) subtract 5: 7-5=3", (2, 1)),
+        # each line checked right below it (`task.Plan.check_each_line`), the second check wrong
+        ("1) 3+4=7\nCheck 1) 3+4=7\n2) 7-5=2\nCheck 2) 7-5=3", (2, 1)),
         ("1) 3+4=7\n2) 7-5=2\n3) 2+6=8", (0, 0)),
     ],
 )
